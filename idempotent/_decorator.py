@@ -1,0 +1,352 @@
+"""``@idempotent``: the decorator that runs a handler once per key.
+
+The flow is written once, as plain synchronous code. An ``async def`` handler runs the
+same flow inside SQLAlchemy's greenlet bridge (``greenlet_spawn``), its body awaited with
+``await_only``; so sync and async handlers cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar, cast
+
+import tenacity
+
+from . import _context, _heartbeat, _keys, _machine
+from ._canonical import fingerprint as sha256_fingerprint
+from ._record import Claimed, State
+from .exceptions import IdempotencyError, ResultNotSerializable, StoreUnavailable
+from .retry import as_async, as_sync, is_transient, transient_retry
+from .serializers import JSONSerializer, Serializer, encode_result
+from .stores.base import DEFAULT_LEASE, DEFAULT_TTL, Store
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_TX_PARAMS = ("session", "connection")
+_DEFAULT = object()
+FingerprintSpec = None | bool | Iterable[str] | Callable[..., Any]
+
+
+def idempotent(
+    store: Store,
+    *,
+    key: _keys.KeySpec,
+    namespace: str | None = None,
+    scope: Callable[..., Any] | None = None,
+    fingerprint: FingerprintSpec = None,
+    ttl: float = DEFAULT_TTL,
+    lease: float | None = None,
+    retry: tenacity.BaseRetrying | None | object = _DEFAULT,
+    serializer: Serializer | None = None,
+    keep_failures: tuple[type[BaseException], ...] = (),
+    heartbeat: bool = True,
+) -> Callable[[F], F]:
+    """Make a handler run once per idempotency key; duplicates get the first result.
+
+    * ``key``: item/attribute name of the first argument, or a callable over the handler's
+      arguments. A missing key raises `MissingIdempotencyKey`.
+    * ``namespace``: the handler's stable name in the store (default: module.qualname).
+    * ``scope``: callable over the arguments giving a tenant or client identity; keys of
+      different scopes never meet.
+    * ``fingerprint``: what must match when a key comes back: None = all arguments,
+      a list of field names of the first argument, a callable, or False for no check.
+    * ``ttl``: seconds a key is remembered; must exceed the broker's redelivery horizon.
+    * ``lease``: lease mode only; seconds a claim holds before another worker may take
+      over (renewed by a heartbeat while the handler runs).
+    * ``retry``: a tenacity policy for transient store faults (default
+      `transient_retry()`); None for a single attempt. `StoreUnavailable` when it gives up.
+    * ``keep_failures``: exception types kept as ``failed`` (poison messages); duplicates
+      then raise `PreviousAttemptFailed`. Other exceptions release the key for a retry.
+
+    A handler that takes ``session`` or ``connection`` runs in **transactional mode**
+    (SQL stores only): it gets a SQLAlchemy ``Session``/``Connection`` whose transaction
+    also records the key and result, and commits them together. Others run in **lease
+    mode**: the key is claimed, the handler runs outside any store transaction, and the
+    result is stored under the claim's fencing token.
+    """
+
+    def decorate(fn: F) -> F:
+        return cast(F, _Handler(
+            fn, store, key=key, namespace=namespace, scope=scope, fingerprint=fingerprint,
+            ttl=ttl, lease=lease, retry=retry, serializer=serializer,
+            keep_failures=keep_failures, heartbeat=heartbeat,
+        ).wrapper)
+
+    return decorate
+
+
+def _fingerprinter(spec: FingerprintSpec, tx_param: str | None) -> Callable[..., str | None]:
+    if spec is False:
+        return lambda *a, **kw: None
+    if spec is None or spec is True:
+        def whole(*args: Any, **kwargs: Any) -> str:
+            if kwargs:
+                return sha256_fingerprint([list(args), kwargs])
+            return sha256_fingerprint(list(args))
+        return whole
+    if callable(spec):
+        fn = spec
+        return lambda *a, **kw: sha256_fingerprint(fn(*a, **kw))
+    fields = tuple(cast(Iterable[str], spec))
+    extract = [_keys.extractor(f) for f in fields]
+    return lambda *a, **kw: sha256_fingerprint({f: e(*a, **kw) for f, e in zip(fields, extract)})
+
+
+class _Handler:
+    """Everything decided at decoration time, and the per-call flow."""
+
+    def __init__(
+        self, fn: Callable[..., Any], store: Store, *, key: _keys.KeySpec,
+        namespace: str | None, scope: Callable[..., Any] | None,
+        fingerprint: FingerprintSpec, ttl: float, lease: float | None,
+        retry: Any, serializer: Serializer | None,
+        keep_failures: tuple[type[BaseException], ...], heartbeat: bool,
+    ) -> None:
+        self.fn = fn
+        self.store = store
+        self.is_async = inspect.iscoroutinefunction(fn)
+        params = inspect.signature(fn).parameters
+        self.tx_param = next((p for p in _TX_PARAMS if p in params), None)
+        if self.tx_param is not None and not store.transactional:
+            raise TypeError(
+                f"{fn.__qualname__} takes {self.tx_param!r}: transactional mode needs a "
+                f"SqlStore, not {type(store).__name__}"
+            )
+        if self.tx_param is not None and lease is not None:
+            raise TypeError("lease= is for lease mode; a handler taking a session has none")
+        store_async = getattr(store, "is_async", None)
+        if store_async is not None and store_async != self.is_async:
+            kind = "an async engine" if store_async else "a sync engine"
+            raise TypeError(
+                f"{fn.__qualname__} is {'async' if self.is_async else 'sync'} but the store "
+                f"has {kind}; give SqlStore an engine of the same kind"
+            )
+        self.namespace = _keys.fit(namespace or f"{fn.__module__}.{fn.__qualname__}")
+        self.key_spec = key
+        self.key_of = _keys.extractor(key)
+        self.scope_of = scope
+        self.fingerprint_of = _fingerprinter(fingerprint, self.tx_param)
+        self.ttl = float(ttl)
+        self.lease = float(lease if lease is not None else DEFAULT_LEASE)
+        self.serializer = serializer or JSONSerializer()
+        self.keep_failures = keep_failures
+        self.heartbeat = heartbeat
+        policy = transient_retry() if retry is _DEFAULT else retry
+        if policy is not None and not getattr(store, "may_fail_transiently", True):
+            policy = None  # an in-process store has no transient faults to retry
+        self.retrying = None if policy is None else (
+            as_async(policy) if self.is_async else as_sync(policy))
+        self.wrapper = self._make_wrapper()
+
+    # -- entry points ------------------------------------------------------------------
+    def _make_wrapper(self) -> Callable[..., Any]:
+        fn = self.fn
+        if self.is_async:
+            @functools.wraps(fn)
+            async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+                return await self._call_async(args, kwargs)
+            wrapper: Callable[..., Any] = async_wrapper
+        else:
+            @functools.wraps(fn)
+            def sync_wrapper(*args: Any, **kwargs: Any) -> Any:
+                return self._call(args, kwargs)
+            wrapper = sync_wrapper
+        wrapper.namespace = self.namespace  # type: ignore[attr-defined]
+        wrapper.store = self.store  # type: ignore[attr-defined]
+        return wrapper
+
+    def _identify(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, str | None]:
+        """The stored key and the payload fingerprint of one delivery."""
+        text = _keys.as_key_text(self.key_of(*args, **kwargs))
+        if text is None:
+            raise _keys.missing(self.namespace, self.key_spec)
+        scope = None
+        if self.scope_of is not None:
+            scope = _keys.as_key_text(self.scope_of(*args, **kwargs))
+            if scope is None:
+                raise _keys.missing(self.namespace, "scope")
+        return _keys.scoped(text, scope), self.fingerprint_of(*args, **kwargs)
+
+    def _call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        own = kwargs.pop(self.tx_param, None) if self.tx_param else None
+        key, fp = self._identify(args, kwargs)
+        if own is not None:
+            return self._joined(own, key, fp, args, kwargs, self.fn)
+        if self.tx_param is not None:
+            return self._with_retry(self._transactional, key, fp, args, kwargs, self.fn)
+        return self._leased(key, fp, args, kwargs, self.fn)
+
+    async def _call_async(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        from sqlalchemy.util import await_only, greenlet_spawn
+
+        own = kwargs.pop(self.tx_param, None) if self.tx_param else None
+        key, fp = self._identify(args, kwargs)
+        fn = self.fn
+
+        def call(*a: Any, **kw: Any) -> Any:
+            return await_only(fn(*a, **kw))
+
+        if own is not None:
+            return await greenlet_spawn(self._joined, own, key, fp, args, kwargs, call)
+        if self.tx_param is not None:
+            return await self._with_retry_async(
+                greenlet_spawn, self._transactional, key, fp, args, kwargs, call)
+        return await greenlet_spawn(self._leased, key, fp, args, kwargs, call)
+
+    # -- retries -----------------------------------------------------------------------
+    def _unavailable(self, exc: BaseException, key: str) -> BaseException:
+        if isinstance(exc, tenacity.RetryError):
+            exc = exc.last_attempt.exception() or exc
+        if is_transient(exc):
+            return StoreUnavailable(
+                f"{self.namespace}: store unavailable for key {key!r} after retries: {exc}",
+                cause=exc, namespace=self.namespace, key=key,
+            )
+        return exc
+
+    def _with_retry(self, op: Callable[..., Any], key: str, *rest: Any) -> Any:
+        try:
+            if self.retrying is None:
+                return op(key, *rest)
+            return self.retrying(op, key, *rest)
+        except IdempotencyError:
+            raise
+        except Exception as exc:
+            mapped = self._unavailable(exc, key)
+            if mapped is exc:
+                raise
+            raise mapped from exc
+
+    async def _with_retry_async(self, spawn: Any, op: Callable[..., Any], key: str,
+                                *rest: Any) -> Any:
+        try:
+            if self.retrying is None:
+                return await spawn(op, key, *rest)
+            return await self.retrying(spawn, op, key, *rest)
+        except IdempotencyError:
+            raise
+        except Exception as exc:
+            mapped = self._unavailable(exc, key)
+            if mapped is exc:
+                raise
+            raise mapped from exc
+
+    def _store_op(self, op: Callable[[str], Any], key: str) -> Any:
+        """A store operation in lease mode, under the retry policy (for async handlers the
+        backoff sleeps on the event loop, not in the greenlet)."""
+        if not self.is_async or self.retrying is None:
+            return self._with_retry(op, key)
+        from sqlalchemy.util import await_only, greenlet_spawn
+
+        return await_only(self._with_retry_async(greenlet_spawn, op, key))
+
+    # -- transactional mode ------------------------------------------------------------------
+    def _transactional(self, key: str, fp: str | None, args: tuple[Any, ...],
+                       kwargs: dict[str, Any], call: Callable[..., Any]) -> Any:
+        store: Any = self.store
+        with store.transaction(self.namespace, key, fp, self.ttl) as tx:
+            if tx.existing is not None:
+                return _machine.replay(tx.existing, fp, self.serializer, store.clock())
+            handle = self._tx_handle(tx)
+            value = self._run(call, args, {**kwargs, self.tx_param: handle}, key, None)
+            tx.commit(self._encode(value, key))
+            return value
+
+    def _joined(self, own: Any, key: str, fp: str | None, args: tuple[Any, ...],
+                kwargs: dict[str, Any], call: Callable[..., Any]) -> Any:
+        """The caller passed its own session: record in it, never commit."""
+        from .stores.sql import _sync_handle
+
+        store: Any = self.store
+        sync, _ = _sync_handle(own)
+        tx = store.join(sync, self.namespace, key, fp, self.ttl)
+        if tx.existing is not None:
+            return _machine.replay(tx.existing, fp, self.serializer, store.clock())
+        value = self._run(call, args, {**kwargs, self.tx_param: own}, key, None)
+        tx.commit(self._encode(value, key))
+        return value
+
+    def _tx_handle(self, tx: Any) -> Any:
+        if not self.is_async:
+            return tx.session() if self.tx_param == "session" else tx.connection
+        from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+
+        aconn = AsyncConnection(self.store.async_engine, tx.connection)  # type: ignore[attr-defined]
+        if self.tx_param == "connection":
+            return aconn
+        asession = AsyncSession(bind=aconn)
+        tx._session = asession.sync_session  # flushed by tx.commit
+        return asession
+
+    # -- lease mode -------------------------------------------------------------------------
+    def _leased(self, key: str, fp: str | None, args: tuple[Any, ...],
+                kwargs: dict[str, Any], call: Callable[..., Any]) -> Any:
+        store, ns = self.store, self.namespace
+        outcome = self._store_op(
+            lambda k: store.claim(ns, k, fingerprint=fp, lease=self.lease, ttl=self.ttl), key)
+        if not isinstance(outcome, Claimed):
+            return _machine.replay(outcome.record, fp, self.serializer, store.clock())
+        token = outcome.token
+        beat = self._start_heartbeat(key, token)
+        try:
+            value = self._run(call, args, kwargs, key, token)
+            data = self._encode(value, key)
+        except self.keep_failures as exc:
+            _stop(beat)
+            self._store_op(lambda k: store.complete(
+                ns, k, token, _machine.failure_result(exc), ttl=self.ttl, state=State.FAILED),
+                key)
+            raise
+        except BaseException:
+            _stop(beat)
+            self._release_quietly(key, token)
+            raise
+        _stop(beat)
+        self._store_op(lambda k: store.complete(ns, k, token, data, ttl=self.ttl), key)
+        return value
+
+    def _release_quietly(self, key: str, token: str) -> None:
+        """Give the key back after a failed handler; if the store is down, the lease
+        running out does the same, later."""
+        try:
+            self._store_op(lambda k: self.store.release(self.namespace, k, token), key)
+        except Exception:
+            _heartbeat.log.warning(
+                "idempotent: could not release %s/%s; it frees when its lease ends",
+                self.namespace, key, exc_info=True,
+            )
+
+    def _start_heartbeat(self, key: str, token: str) -> _heartbeat.Beat | None:
+        if not self.heartbeat:
+            return None
+        store, ns, lease = self.store, self.namespace, self.lease
+        if self.is_async:
+            from sqlalchemy.util import greenlet_spawn
+
+            return _heartbeat.start_async(
+                lambda: greenlet_spawn(store.renew, ns, key, token, lease), lease / 3)
+        return _heartbeat.start(lambda: store.renew(ns, key, token, lease), lease / 3)
+
+    # -- shared ------------------------------------------------------------------------------
+    def _run(self, call: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+             key: str, token: str | None) -> Any:
+        ctx = _context.enter(_context.Current(self.namespace, key, token))
+        try:
+            return call(*args, **kwargs)
+        finally:
+            _context.leave(ctx)
+
+    def _encode(self, value: Any, key: str) -> bytes | None:
+        if value is None:
+            return None
+        return encode_result(self.serializer, value, namespace=self.namespace, key=key)
+
+
+def _stop(beat: _heartbeat.Beat | None) -> None:
+    if beat is not None:
+        beat.stop()
+
+
+__all__ = ["ResultNotSerializable", "idempotent"]

@@ -1,0 +1,56 @@
+"""The record and the outcomes of a claim: plain values, shared by every store."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class State(str, enum.Enum):
+    """Where a key is in its life: claimed and running, done, or kept as failed."""
+
+    IN_PROGRESS = "in_progress"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class Record:
+    """What a store remembers of one key. Times are epoch seconds."""
+
+    namespace: str
+    key: str
+    state: State
+    fingerprint: str | None
+    result: bytes | None
+    token: str | None
+    lease_until: float | None
+    created_at: float
+    completed_at: float | None
+    expires_at: float
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """The caller owns the key until ``lease_until``; ``token`` fences its later writes."""
+
+    token: str
+    lease_until: float
+    taken_over: bool = False
+
+
+@dataclass(frozen=True)
+class Completed:
+    """The key was processed before (or kept as failed): ``record`` says how."""
+
+    record: Record
+
+
+@dataclass(frozen=True)
+class InProgress:
+    """Another worker holds a live lease on the key until ``record.lease_until``."""
+
+    record: Record
+
+
+Outcome = Claimed | Completed | InProgress

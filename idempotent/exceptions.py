@@ -1,0 +1,115 @@
+"""Every exception `idempotent` raises.
+
+One root, :class:`IdempotencyError`; each subclass carries the data a caller needs to
+decide what to do (the key, the stored record, the cause).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ._record import Record
+
+
+class IdempotencyError(Exception):
+    """Root of every error raised by `idempotent`."""
+
+    def __init__(self, message: str, *, namespace: str | None = None, key: str | None = None):
+        super().__init__(message)
+        self.namespace = namespace
+        self.key = key
+
+
+class MissingIdempotencyKey(IdempotencyError, LookupError):
+    """The message carries no idempotency key (absent, ``None`` or empty).
+
+    Nothing was recorded and the handler did not run; the message should be
+    dead-lettered or fixed, not processed without protection.
+    """
+
+
+class IdempotencyKeyConflict(IdempotencyError, ValueError):
+    """A key was reused with another payload: its fingerprint differs from the first one.
+
+    ``record`` is the stored record of the first message; ``fingerprint`` the new one.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        namespace: str,
+        key: str,
+        record: Record,
+        fingerprint: str | None,
+    ):
+        super().__init__(message, namespace=namespace, key=key)
+        self.record = record
+        self.fingerprint = fingerprint
+
+
+class AlreadyInProgress(IdempotencyError):
+    """Another worker holds the key right now; try again after ``retry_after`` seconds.
+
+    ``lease_until`` is the epoch time at which that worker's lease expires (``None`` in
+    transactional mode, where the other worker holds a row lock instead of a lease).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        namespace: str,
+        key: str,
+        lease_until: float | None = None,
+        retry_after: float = 1.0,
+    ):
+        super().__init__(message, namespace=namespace, key=key)
+        self.lease_until = lease_until
+        self.retry_after = retry_after
+
+
+class LeaseLost(IdempotencyError):
+    """This worker's lease was taken over (it expired); its result was not stored.
+
+    The new owner's record is untouched: a worker that lost its lease never overwrites it.
+    """
+
+
+class PreviousAttemptFailed(IdempotencyError):
+    """The first attempt for this key failed with an error kept as ``failed``.
+
+    Raised for duplicates of a message whose handler raised one of the exception types
+    given in ``keep_failures``; ``record.result`` holds the error's type and message.
+    """
+
+    def __init__(self, message: str, *, namespace: str, key: str, record: Record):
+        super().__init__(message, namespace=namespace, key=key)
+        self.record = record
+
+
+class ResultNotSerializable(IdempotencyError, TypeError):
+    """The handler's result cannot be encoded by the serializer; nothing was recorded.
+
+    In transactional mode the handler's writes were rolled back with it; in lease mode the
+    claim was released so a redelivery can try again.
+    """
+
+
+class StoreUnavailable(IdempotencyError):
+    """The store kept failing with transient errors until the retry policy gave up.
+
+    ``__cause__`` (and ``cause``) is the last error. Nothing was recorded as completed.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        cause: BaseException,
+        namespace: str | None = None,
+        key: str | None = None,
+    ):
+        super().__init__(message, namespace=namespace, key=key)
+        self.cause = cause

@@ -1,0 +1,45 @@
+"""How a handler's result is stored and handed back to duplicates.
+
+JSON by default. A store shared by many services must never become a way to run code,
+so nothing here unpickles; a user who wants another format passes an object with
+``dumps``/``loads``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Protocol
+
+from .exceptions import ResultNotSerializable
+
+
+class Serializer(Protocol):
+    """Turns a result into bytes and back. ``dumps`` raises ``TypeError``/``ValueError``."""
+
+    def dumps(self, value: Any) -> bytes: ...
+
+    def loads(self, data: bytes) -> Any: ...
+
+
+class JSONSerializer:
+    """Results as compact UTF-8 JSON; a duplicate gets the JSON round trip of the result
+    (tuples come back as lists). NaN and infinities are refused, as JSON has none."""
+
+    def dumps(self, value: Any) -> bytes:
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+    def loads(self, data: bytes) -> Any:
+        return json.loads(data)
+
+
+def encode_result(serializer: Serializer, value: Any, *, namespace: str, key: str) -> bytes:
+    """``serializer.dumps(value)``, with its failure turned into `ResultNotSerializable`."""
+    try:
+        return serializer.dumps(value)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ResultNotSerializable(
+            f"the result of {namespace!r} for key {key!r} cannot be stored "
+            f"({type(value).__qualname__}): {exc}; nothing was recorded",
+            namespace=namespace,
+            key=key,
+        ) from exc

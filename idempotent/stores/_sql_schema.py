@@ -1,0 +1,44 @@
+"""The records table, on its own `MetaData` so it never mixes with the user's models."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_N_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+DEFAULT_TABLE = "idempotency_records"
+#: Room for a key or namespace of up to 128 characters, or ``sha256:<64 hex>``.
+KEY_COLUMN_LENGTH = 200
+
+
+def records_table(metadata: sa.MetaData, name: str = DEFAULT_TABLE) -> sa.Table:
+    """One row per (namespace, key). Times are epoch seconds (double precision)."""
+    return sa.Table(
+        name,
+        metadata,
+        sa.Column("namespace", sa.String(KEY_COLUMN_LENGTH), nullable=False),
+        sa.Column("key", sa.String(KEY_COLUMN_LENGTH), nullable=False),
+        sa.Column("state", sa.String(16), nullable=False),
+        sa.Column("fingerprint", sa.String(64), nullable=True),
+        sa.Column("result", sa.LargeBinary, nullable=True),
+        sa.Column("token", sa.String(32), nullable=True),
+        sa.Column("lease_until", sa.Double, nullable=True),
+        sa.Column("created_at", sa.Double, nullable=False),
+        sa.Column("completed_at", sa.Double, nullable=True),
+        sa.Column("expires_at", sa.Double, nullable=False),
+        sa.PrimaryKeyConstraint("namespace", "key"),
+        sa.CheckConstraint("state IN ('in_progress', 'completed', 'failed')", name="state"),
+        sa.Index(None, "expires_at"),
+        # the primary key is the only index a claim needs; SQLite stores the row in it
+        sqlite_with_rowid=False,
+    )
+
+
+def new_metadata(schema: str | None = None) -> sa.MetaData:
+    return sa.MetaData(naming_convention=NAMING_CONVENTION, schema=schema)

@@ -1,0 +1,85 @@
+"""An in-process store, for unit tests and examples only: it forgets everything on exit
+and is shared by nothing but the threads of one process."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import replace
+
+from .._record import Outcome, Record, State
+from .base import Store, claimable, outcome_of
+
+
+class MemoryStore(Store):
+    """A dict behind a lock. Each operation is atomic under the lock."""
+
+    may_fail_transiently = False
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]  # only clock= is accepted
+        self._records: dict[tuple[str, str], Record] = {}
+        self._lock = threading.Lock()
+
+    def _claim(
+        self,
+        namespace: str,
+        key: str,
+        fingerprint: str | None,
+        token: str,
+        now: float,
+        lease_until: float,
+        expires_at: float,
+    ) -> Outcome | None:
+        with self._lock:
+            record = self._records.get((namespace, key))
+            if claimable(record, now):
+                record = Record(
+                    namespace, key, State.IN_PROGRESS, fingerprint, None, token,
+                    lease_until, now, None, expires_at,
+                )
+                self._records[namespace, key] = record
+            assert record is not None
+            return outcome_of(record, token, now)
+
+    def _complete(
+        self,
+        namespace: str,
+        key: str,
+        token: str,
+        result: bytes | None,
+        state: State,
+        now: float,
+        expires_at: float,
+    ) -> bool:
+        with self._lock:
+            record = self._records.get((namespace, key))
+            if record is None or record.token != token:
+                return False
+            self._records[namespace, key] = replace(
+                record, state=state, result=result, lease_until=None,
+                completed_at=record.completed_at or now, expires_at=expires_at,
+            )
+            return True
+
+    def _release(self, namespace: str, key: str, token: str) -> bool:
+        with self._lock:
+            record = self._records.get((namespace, key))
+            if record is None or record.token != token or record.state is not State.IN_PROGRESS:
+                return False
+            del self._records[namespace, key]
+            return True
+
+    def _renew(self, namespace: str, key: str, token: str, lease_until: float) -> bool:
+        with self._lock:
+            record = self._records.get((namespace, key))
+            if record is None or record.token != token or record.state is not State.IN_PROGRESS:
+                return False
+            self._records[namespace, key] = replace(record, lease_until=lease_until)
+            return True
+
+    def _get(self, namespace: str, key: str) -> Record | None:
+        with self._lock:
+            return self._records.get((namespace, key))
+
+    def __len__(self) -> int:
+        return len(self._records)

@@ -1,0 +1,605 @@
+"""The SQL store: SQLAlchemy 2 Core on PostgreSQL (psycopg 3) and SQLite.
+
+Two ways to use it:
+
+* **transactional** (`SqlStore.transaction`): the key is claimed inside the transaction
+  that carries the handler's own writes, and commits or vanishes with them;
+* **lease** (`Store.claim` / `complete` / `release` / `renew`): each operation is one
+  autocommit statement, for handlers whose effects live outside the database.
+
+Round trips, on PostgreSQL with psycopg (BEGIN is sent with the first statement):
+a transactional first delivery costs what a bare transaction costs, three round trips
+(BEGIN+claim pipelined, the handler's statements, result+COMMIT pipelined); a duplicate
+costs one. Lease claim, complete, release and renew are one statement each; a claim
+that finds another worker's record reads it with a second.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, overload
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.orm import Session
+
+from .._keys import fit
+from .._record import Claimed, Outcome, Record, State
+from ..exceptions import AlreadyInProgress
+from . import _sql_schema
+from .base import DEFAULT_TTL, Store, outcome_of
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable
+
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
+
+_ASYNC_DRIVERS = {"aiosqlite", "asyncpg", "psycopg_async", "aiomysql", "asyncmy"}
+_COLUMNS = (
+    "namespace", "key", "state", "fingerprint", "result", "token",
+    "lease_until", "created_at", "completed_at", "expires_at",
+)
+_P = sa.bindparam
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.close()
+
+
+def _upsert_for(dialect: str) -> Callable[[sa.Table], Any] | None:
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        return pg_insert
+    if dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        return sqlite_insert
+    return None
+
+
+class _Statements:
+    """Every statement the store runs, built once with bind parameters."""
+
+    def __init__(self, table: sa.Table, dialect: str) -> None:
+        t = table
+        self.table = t
+        where_key = (t.c.namespace == _P("ns")) & (t.c.key == _P("k"))
+        self.select = sa.select(*[t.c[c] for c in _COLUMNS]).where(where_key)
+        expired = t.c.expires_at <= _P("now")
+        upsert = _upsert_for(dialect)
+        self.upsert = upsert is not None
+
+        # transactional claim: the row is written as completed at once; nobody sees it
+        # before COMMIT, and a rollback takes it away
+        tx_values = {
+            "namespace": _P("ns"), "key": _P("k"), "state": State.COMPLETED.value,
+            "fingerprint": _P("fp"), "result": None, "token": None, "lease_until": None,
+            "created_at": _P("now"), "completed_at": _P("now"), "expires_at": _P("exp"),
+        }
+        lease_values = {
+            **tx_values, "state": State.IN_PROGRESS.value, "token": _P("tok"),
+            "lease_until": _P("lu"), "completed_at": None,
+        }
+        if upsert is not None:
+            ins = upsert(t).values(tx_values)
+            self.claim_tx = ins.on_conflict_do_update(
+                index_elements=[t.c.namespace, t.c.key],
+                set_={c: ins.excluded[c] for c in _COLUMNS[2:]},
+                where=expired,
+            ).returning(t.c.key)
+            ins = upsert(t).values(lease_values)
+            self.claim_lease = ins.on_conflict_do_update(
+                index_elements=[t.c.namespace, t.c.key],
+                set_={c: ins.excluded[c] for c in _COLUMNS[2:]},
+                where=expired
+                | ((t.c.state == State.IN_PROGRESS.value) & (t.c.lease_until <= _P("now"))),
+            ).returning(t.c.key)
+        else:  # generic SQL: insert under a savepoint, IntegrityError means "exists"
+            self.claim_tx = sa.insert(t).values(tx_values)
+            self.claim_lease = sa.insert(t).values(lease_values)
+        self.delete_expired = sa.delete(t).where(where_key & expired)
+        self.store_result = (
+            sa.update(t).where(where_key).values(result=_P("res"))
+        )
+        owned = where_key & (t.c.token == _P("tok"))
+        self.complete = (
+            sa.update(t)
+            .where(owned)
+            .values(
+                state=_P("st"), result=_P("res"), lease_until=None,
+                completed_at=sa.func.coalesce(t.c.completed_at, _P("now")),
+                expires_at=_P("exp"),
+            )
+        )
+        in_progress = owned & (t.c.state == State.IN_PROGRESS.value)
+        self.release = sa.delete(t).where(in_progress)
+        self.renew = sa.update(t).where(in_progress).values(lease_until=_P("lu"))
+
+
+def _to_record(row: Any) -> Record:
+    return Record(
+        namespace=row[0], key=row[1], state=State(row[2]), fingerprint=row[3],
+        result=None if row[4] is None else bytes(row[4]), token=row[5], lease_until=row[6],
+        created_at=row[7], completed_at=row[8], expires_at=row[9],
+    )
+
+
+class SqlStore(Store):
+    """Records in a SQL table, through SQLAlchemy.
+
+    ``bind`` is a URL (``"sqlite:///idem.db"``, ``"postgresql+psycopg://…"``), an
+    `Engine`, or an `AsyncEngine` (for ``async def`` handlers). ``lock_timeout`` bounds
+    how long a delivery waits for a concurrent delivery of the same key (PostgreSQL
+    ``lock_timeout``; SQLite's busy timeout for engines made from a URL), after which it
+    raises `AlreadyInProgress`.
+    """
+
+    transactional = True
+
+    def __init__(
+        self,
+        bind: str | sa.URL | Engine | AsyncEngine,
+        *,
+        table: str = _sql_schema.DEFAULT_TABLE,
+        schema: str | None = None,
+        lock_timeout: float | None = 5.0,
+        clock: Callable[[], float] = time.time,
+        **engine_options: Any,
+    ) -> None:
+        super().__init__(clock=clock)
+        self.async_engine: AsyncEngine | None = None
+        if isinstance(bind, (str, sa.URL)):
+            bind = self._make_engine(sa.make_url(bind), lock_timeout, engine_options)
+        if isinstance(bind, Engine):
+            self.engine = bind
+        else:
+            self.async_engine = bind
+            self.engine = bind.sync_engine
+        self.lock_timeout = lock_timeout
+        self.metadata = _sql_schema.new_metadata(schema)
+        self.table = _sql_schema.records_table(self.metadata, table)
+        self.dialect = self.engine.dialect.name
+        self._st = _Statements(self.table, self.dialect)
+        self._autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
+        self._fast_pg = (
+            self.dialect == "postgresql"
+            and self.engine.dialect.driver == "psycopg"
+            and self.async_engine is None
+        )
+        if self._fast_pg:
+            self._pg = _PgSql(self._st, self.engine.dialect, lock_timeout)
+
+    @staticmethod
+    def _make_engine(
+        url: sa.URL, lock_timeout: float | None, options: dict[str, Any]
+    ) -> Engine | AsyncEngine:
+        driver = url.get_driver_name()
+        if url.get_backend_name() == "sqlite":
+            args = options.setdefault("connect_args", {})
+            args.setdefault("timeout", lock_timeout if lock_timeout is not None else 5.0)
+        if driver in _ASYNC_DRIVERS:
+            from ..exceptions import IdempotencyError
+
+            try:
+                from sqlalchemy.ext.asyncio import create_async_engine
+
+                engine: Engine | AsyncEngine = create_async_engine(url, **options)
+            except ImportError as exc:  # greenlet or the async driver
+                raise IdempotencyError(
+                    f"async engines need extra packages: pip install 'idempotent[async]' ({exc})"
+                ) from exc
+            sync_engine = engine.sync_engine
+        else:
+            engine = sync_engine = sa.create_engine(url, **options)
+        if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+            sa.event.listen(sync_engine, "connect", _sqlite_pragmas)
+        return engine
+
+    @property
+    def is_async(self) -> bool:
+        return self.async_engine is not None
+
+    # -- schema ----------------------------------------------------------------------
+    def create_schema(self) -> Any:
+        """Create the records table if missing (development and tests; production
+        schemas come from the Alembic migrations). With an async engine, await it."""
+        return self._run(self.metadata.create_all)
+
+    def drop_schema(self) -> Any:
+        """Drop the records table. With an async engine, await it."""
+        return self._run(self.metadata.drop_all)
+
+    def _run(self, fn: Callable[[Engine], Any]) -> Any:
+        if self.async_engine is None:
+            return fn(self.engine)
+        from sqlalchemy.util import greenlet_spawn
+
+        return greenlet_spawn(fn, self.engine)
+
+    # -- lease mode: one autocommit statement each ------------------------------------
+    def _claim(
+        self,
+        namespace: str,
+        key: str,
+        fingerprint: str | None,
+        token: str,
+        now: float,
+        lease_until: float,
+        expires_at: float,
+    ) -> Outcome | None:
+        params = {
+            "ns": namespace, "k": key, "fp": fingerprint, "tok": token, "now": now,
+            "lu": lease_until, "exp": expires_at,
+        }
+        with self._autocommit.connect() as conn:
+            if self._insert(conn, self._st.claim_lease, params):
+                return Claimed(token=token, lease_until=lease_until)
+            record = self._select(conn, namespace, key)
+        return None if record is None else outcome_of(record, token, now)
+
+    def _complete(
+        self,
+        namespace: str,
+        key: str,
+        token: str,
+        result: bytes | None,
+        state: State,
+        now: float,
+        expires_at: float,
+    ) -> bool:
+        params = {
+            "ns": namespace, "k": key, "tok": token, "st": state.value,
+            "res": result, "now": now, "exp": expires_at,
+        }
+        with self._autocommit.connect() as conn:
+            return conn.execute(self._st.complete, params).rowcount == 1
+
+    def _release(self, namespace: str, key: str, token: str) -> bool:
+        with self._autocommit.connect() as conn:
+            params = {"ns": namespace, "k": key, "tok": token}
+            return conn.execute(self._st.release, params).rowcount == 1
+
+    def _renew(self, namespace: str, key: str, token: str, lease_until: float) -> bool:
+        params = {"ns": namespace, "k": key, "tok": token, "lu": lease_until}
+        with self._autocommit.connect() as conn:
+            return conn.execute(self._st.renew, params).rowcount == 1
+
+    def _get(self, namespace: str, key: str) -> Record | None:
+        with self._autocommit.connect() as conn:
+            return self._select(conn, namespace, key)
+
+    def _select(self, conn: Connection, namespace: str, key: str) -> Record | None:
+        row = conn.execute(self._st.select, {"ns": namespace, "k": key}).first()
+        return None if row is None else _to_record(row)
+
+    def _insert(self, conn: Connection, stmt: Any, params: dict[str, Any]) -> bool:
+        """Run a claim insert; True if this call wrote the row."""
+        if self._st.upsert:
+            return conn.execute(stmt, params).first() is not None
+        conn.execute(self._st.delete_expired, params)
+        try:
+            with conn.begin_nested():
+                conn.execute(stmt, params)
+        except sa.exc.IntegrityError:
+            return False
+        return True
+
+    # -- transactional mode -------------------------------------------------------------
+    @contextmanager
+    def transaction(
+        self, namespace: str, key: str, fingerprint: str | None, ttl: float = DEFAULT_TTL
+    ) -> Iterator[Transaction]:
+        """Open a transaction and claim ``key`` in it.
+
+        ``tx.existing`` is the committed record of an earlier delivery (then nothing was
+        written: the caller replays it), or None: the key is ours until the transaction
+        ends. The caller runs its writes on ``tx.connection`` (or ``tx.session()``) and
+        calls ``tx.commit(result)``; leaving the block otherwise rolls everything back.
+        """
+        conn = self.engine.connect()
+        try:
+            conn.begin()
+            now = self.clock()
+            params = {"ns": namespace, "k": key, "fp": fingerprint, "now": now,
+                      "exp": now + ttl}
+            if self._fast_pg:
+                existing = self._pg.claim(conn, params)
+            else:
+                existing = self._claim_in(conn, params)
+            yield Transaction(self, conn, namespace, key, existing, owner=True)
+        finally:
+            conn.close()  # rolls back whatever was not committed
+
+    def join(
+        self, session: Session | Connection, namespace: str, key: str,
+        fingerprint: str | None, ttl: float = DEFAULT_TTL,
+    ) -> Transaction:
+        """Claim ``key`` inside the caller's own transaction; never commits."""
+        conn = session.connection() if isinstance(session, Session) else session
+        now = self.clock()
+        params = {"ns": namespace, "k": key, "fp": fingerprint, "now": now, "exp": now + ttl}
+        existing = self._claim_in(conn, params)
+        return Transaction(self, conn, namespace, key, existing, owner=False, session=session)
+
+    def _claim_in(self, conn: Connection, params: dict[str, Any]) -> Record | None:
+        try:
+            if self._insert(conn, self._st.claim_tx, params):
+                return None
+        except sa.exc.DBAPIError as exc:
+            self._raise_if_lock_timeout(exc, params)
+            raise
+        record = self._select(conn, params["ns"], params["k"])
+        if record is None:
+            raise sa.exc.InvalidRequestError(
+                "idempotency record vanished between claim and read (purged?)"
+            )
+        return record
+
+    def _raise_if_lock_timeout(self, exc: BaseException, params: dict[str, Any]) -> None:
+        orig = getattr(exc, "orig", exc)
+        if getattr(orig, "sqlstate", None) == "55P03":
+            raise AlreadyInProgress(
+                f"{params['ns']}: key {params['k']!r} is held by a concurrent "
+                f"transaction (waited {self.lock_timeout}s)",
+                namespace=params["ns"],
+                key=params["k"],
+                retry_after=self.lock_timeout or 1.0,
+            ) from exc
+
+    # -- the primitive: join the caller's transaction --------------------------------------
+    @overload
+    def record(
+        self, session: Session | Connection, namespace: str, key: str, *,
+        fingerprint: str | None = None, ttl: float = DEFAULT_TTL,
+    ) -> bool: ...
+
+    @overload
+    def record(
+        self, session: AsyncSession | AsyncConnection, namespace: str, key: str, *,
+        fingerprint: str | None = None, ttl: float = DEFAULT_TTL,
+    ) -> Awaitable[bool]: ...
+
+    def record(
+        self, session: Any, namespace: str, key: str, *,
+        fingerprint: str | None = None, ttl: float = DEFAULT_TTL,
+    ) -> bool | Awaitable[bool]:
+        """Record ``key`` in the caller's transaction; True if it is new.
+
+        Never commits: the caller's commit makes the key and its writes durable together,
+        its rollback forgets both. False means the key was processed before (do nothing).
+        With ``fingerprint``, a key reused with another payload raises
+        `IdempotencyKeyConflict`. A concurrent transaction holding the same key makes this
+        wait until it ends. With an async session or connection, await the result.
+        """
+        sync, is_async = _sync_handle(session)
+        if is_async:
+            from sqlalchemy.util import greenlet_spawn
+
+            return greenlet_spawn(self._record, sync, namespace, key, fingerprint, ttl)
+        return self._record(sync, namespace, key, fingerprint, ttl)
+
+    def _record(
+        self, session: Session | Connection, namespace: str, key: str,
+        fingerprint: str | None, ttl: float,
+    ) -> bool:
+        from .._machine import check_fingerprint
+
+        tx = self.join(session, namespace, fit(key), fingerprint, ttl)
+        if tx.existing is None:
+            return True
+        check_fingerprint(tx.existing, fingerprint)
+        return False
+
+    @overload
+    def record_many(
+        self, session: Session | Connection, namespace: str, keys: Iterable[str], *,
+        ttl: float = DEFAULT_TTL,
+    ) -> set[str]: ...
+
+    @overload
+    def record_many(
+        self, session: AsyncSession | AsyncConnection, namespace: str, keys: Iterable[str],
+        *, ttl: float = DEFAULT_TTL,
+    ) -> Awaitable[set[str]]: ...
+
+    def record_many(
+        self, session: Any, namespace: str, keys: Iterable[str], *, ttl: float = DEFAULT_TTL
+    ) -> set[str] | Awaitable[set[str]]:
+        """Record a batch of keys in one statement; returns the keys not seen before.
+
+        Same transaction rules as `record`. Keys repeated inside the batch count once.
+        """
+        sync, is_async = _sync_handle(session)
+        if is_async:
+            from sqlalchemy.util import greenlet_spawn
+
+            return greenlet_spawn(self._record_many, sync, namespace, keys, ttl)
+        return self._record_many(sync, namespace, keys, ttl)
+
+    def _record_many(
+        self, session: Session | Connection, namespace: str, keys: Iterable[str], ttl: float
+    ) -> set[str]:
+        stored = {fit(k): k for k in keys}
+        if not stored:
+            return set()
+        conn = session.connection() if isinstance(session, Session) else session
+        now = self.clock()
+        if self.dialect == "postgresql":
+            stmt = self._many_pg()
+            rows = conn.execute(stmt, {"ns": namespace, "keys": list(stored), "now": now,
+                                       "exp": now + ttl})
+            return {stored[r[0]] for r in rows}
+        if self.dialect == "sqlite":
+            import json
+
+            rows = conn.execute(self._many_sqlite(), {"ns": namespace,
+                                                      "keys": json.dumps(list(stored)),
+                                                      "now": now, "exp": now + ttl})
+            return {stored[r[0]] for r in rows}
+        new = set()
+        for k, original in stored.items():
+            params = {"ns": namespace, "k": k, "fp": None, "now": now, "exp": now + ttl}
+            if self._insert(conn, self._st.claim_tx, params):
+                new.add(original)
+        return new
+
+    def _many_pg(self) -> sa.TextClause:
+        t = self.table.fullname
+        return sa.text(
+            f"INSERT INTO {t} (namespace, key, state, created_at, completed_at, expires_at) "
+            "SELECT :ns, k, 'completed', :now, :now, :exp FROM unnest(CAST(:keys AS text[])) AS k "
+            "ON CONFLICT (namespace, key) DO UPDATE SET state = 'completed', fingerprint = NULL, "
+            "result = NULL, token = NULL, lease_until = NULL, created_at = EXCLUDED.created_at, "
+            f"completed_at = EXCLUDED.completed_at, expires_at = EXCLUDED.expires_at "
+            f"WHERE {self.table.name}.expires_at <= :now RETURNING key"
+        )
+
+    def _many_sqlite(self) -> sa.TextClause:
+        t = self.table.fullname
+        return sa.text(
+            f"INSERT INTO {t} (namespace, key, state, created_at, completed_at, expires_at) "
+            "SELECT :ns, value, 'completed', :now, :now, :exp FROM json_each(:keys) WHERE true "
+            "ON CONFLICT (namespace, key) DO UPDATE SET state = 'completed', fingerprint = NULL, "
+            "result = NULL, token = NULL, lease_until = NULL, created_at = excluded.created_at, "
+            f"completed_at = excluded.completed_at, expires_at = excluded.expires_at "
+            f"WHERE {t}.expires_at <= :now RETURNING key"
+        )
+
+
+class Transaction:
+    """A claimed key inside an open transaction (see `SqlStore.transaction`)."""
+
+    def __init__(
+        self,
+        store: SqlStore,
+        connection: Connection,
+        namespace: str,
+        key: str,
+        existing: Record | None,
+        *,
+        owner: bool,
+        session: Session | Connection | None = None,
+    ) -> None:
+        self.store = store
+        self.connection = connection
+        self.namespace = namespace
+        self.key = key
+        self.existing = existing
+        self._owner = owner
+        self._session: Session | None = session if isinstance(session, Session) else None
+
+    def session(self) -> Session:
+        """An ORM `Session` joined to this transaction (created on first use)."""
+        if self._session is None:
+            self._session = Session(bind=self.connection)
+        return self._session
+
+    def commit(self, result: bytes | None) -> None:
+        """Store ``result`` with the key and, when the store opened the transaction,
+        commit the key, the result and the handler's writes together."""
+        if self._session is not None:
+            self._session.flush()
+        conn = self.connection
+        if not conn.in_transaction():
+            raise sa.exc.InvalidRequestError(
+                f"{self.namespace}: the handler for key {self.key!r} ended the transaction "
+                "itself; nothing was recorded"
+            )
+        params = {"ns": self.namespace, "k": self.key, "res": result}
+        if self._owner and self.store._fast_pg:
+            self.store._pg.finish(conn, params)
+        elif result is not None:
+            conn.execute(self.store._st.store_result, params)
+        if self._owner:
+            tx = conn.get_transaction()
+            assert tx is not None
+            tx.commit()  # with the PostgreSQL fast path, COMMIT was already sent
+
+
+class _PgSql:
+    """The psycopg fast path: BEGIN, claim and read in one round trip; result and COMMIT
+    in another. Statements are SQLAlchemy's, compiled once to psycopg's paramstyle."""
+
+    def __init__(self, st: _Statements, dialect: sa.Dialect, lock_timeout: float | None) -> None:
+        def sql(stmt: Any) -> tuple[str, dict[str, Any]]:
+            compiled = stmt.compile(dialect=dialect)
+            # literal values in the statement became bind parameters of their own
+            ours = {"ns", "k", "fp", "now", "exp", "res"}
+            return str(compiled), {k: v for k, v in compiled.params.items() if k not in ours}
+
+        self.claim_sql, self.claim_defaults = sql(st.claim_tx)
+        self.select_sql, _ = sql(st.select)
+        self.result_sql, _ = sql(st.store_result)
+        ms = None if lock_timeout is None else max(1, int(lock_timeout * 1000))
+        self.lock_sql = None if ms is None else f"SET LOCAL lock_timeout = {ms}"
+        self.lock_timeout = lock_timeout
+
+    def claim(self, conn: Connection, params: dict[str, Any]) -> Record | None:
+        raw: Any = conn.connection.driver_connection
+        try:
+            with raw.pipeline():
+                cur = raw.cursor()
+                if self.lock_sql:
+                    cur.execute(self.lock_sql)
+                claim = raw.cursor()
+                claim.execute(self.claim_sql, {**self.claim_defaults, **params})
+                if self.lock_sql:
+                    cur.execute("SET LOCAL lock_timeout TO DEFAULT")
+                read = raw.cursor()
+                read.execute(self.select_sql, params)
+        except Exception as exc:
+            if getattr(exc, "sqlstate", None) == "55P03":
+                raise AlreadyInProgress(
+                    f"{params['ns']}: key {params['k']!r} is held by a concurrent "
+                    f"transaction (waited {self.lock_timeout}s)",
+                    namespace=params["ns"],
+                    key=params["k"],
+                    retry_after=self.lock_timeout or 1.0,
+                ) from exc
+            _invalidate_if_broken(conn, raw)
+            raise
+        if claim.fetchone() is not None:
+            return None
+        row = read.fetchone()
+        if row is None:
+            raise sa.exc.InvalidRequestError(
+                "idempotency record vanished between claim and read (purged?)"
+            )
+        return _to_record(row)
+
+    def finish(self, conn: Connection, params: dict[str, Any]) -> None:
+        raw: Any = conn.connection.driver_connection
+        try:
+            with raw.pipeline():
+                if params["res"] is not None:
+                    raw.cursor().execute(self.result_sql, params)
+                raw.commit()
+        except Exception:
+            _invalidate_if_broken(conn, raw)
+            raise
+
+
+def _invalidate_if_broken(conn: Connection, raw: Any) -> None:
+    """A psycopg error outside SQLAlchemy's view: drop the connection if it is dead, so
+    the pool does not hand it out again."""
+    if getattr(raw, "broken", False) or getattr(raw, "closed", False):
+        conn.invalidate()
+
+
+def _sync_handle(session: Any) -> tuple[Session | Connection, bool]:
+    """The sync Session/Connection behind ``session``, and whether it was async."""
+    if isinstance(session, (Session, Connection)):
+        return session, False
+    sync = getattr(session, "sync_session", None) or getattr(session, "sync_connection", None)
+    if sync is None:
+        raise TypeError(
+            "expected a SQLAlchemy Session, Connection, AsyncSession or AsyncConnection, "
+            f"not {type(session).__qualname__}"
+        )
+    return sync, True

@@ -1,0 +1,1 @@
+"""Integrations with task queues and web frameworks (Celery, SQS, Kafka, ASGI)."""
