@@ -83,7 +83,9 @@ def _policy(attempts: int, initial: float, max_wait: float, deadline: float) -> 
     return {
         "retry": tenacity.retry_if_exception(is_transient),
         "stop": tenacity.stop_after_attempt(attempts) | tenacity.stop_after_delay(deadline),
-        "wait": tenacity.wait_exponential_jitter(initial=initial, max=max_wait),
+        # exponential from `initial`, plus up to `initial` of jitter so workers spread out
+        "wait": tenacity.wait_exponential(multiplier=initial, max=max_wait)
+        + tenacity.wait_random(0, initial),
         "reraise": True,
     }
 

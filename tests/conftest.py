@@ -1,0 +1,43 @@
+"""Shared pytest fixtures: private database servers and per-test database URLs."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from _servers import PostgresServer, RedisServer
+
+_db_numbers = itertools.count(1)
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PostgresServer]:
+    """One private PostgreSQL server (127.0.0.1, free port) for the whole session."""
+    with PostgresServer() as server:
+        yield server
+
+
+@pytest.fixture
+def pg_url(pg_server: PostgresServer) -> Iterator[str]:
+    """SQLAlchemy URL of a fresh, empty PostgreSQL database, dropped (FORCE) after the test."""
+    name = f"test_{next(_db_numbers)}"
+    pg_server.create_database(name)
+    try:
+        yield pg_server.url_for(name)
+    finally:
+        pg_server.drop_database(name)
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    """SQLAlchemy URL of a SQLite database file in the test's tmp_path."""
+    return f"sqlite:///{tmp_path}/idem.db"
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One private redis-server (127.0.0.1, free port, no persistence) for the session."""
+    with RedisServer() as server:
+        yield server
