@@ -25,8 +25,9 @@ from .stores.base import DEFAULT_LEASE, DEFAULT_TTL, Store
 F = TypeVar("F", bound=Callable[..., Any])
 
 _TX_PARAMS = ("session", "connection")
-_DEFAULT = object()
-FingerprintSpec = None | bool | Iterable[str] | Callable[..., Any]
+#: A tenacity policy object is a reusable value (its statistics are thread-local).
+_DEFAULT_RETRY = transient_retry()
+FingerprintSpec = bool | Iterable[str] | Callable[..., Any] | None
 
 
 def idempotent(
@@ -38,7 +39,7 @@ def idempotent(
     fingerprint: FingerprintSpec = None,
     ttl: float = DEFAULT_TTL,
     lease: float | None = None,
-    retry: tenacity.BaseRetrying | None | object = _DEFAULT,
+    retry: tenacity.BaseRetrying | None = _DEFAULT_RETRY,
     serializer: Serializer | None = None,
     keep_failures: tuple[type[BaseException], ...] = (),
     heartbeat: bool = True,
@@ -89,9 +90,10 @@ def _fingerprinter(spec: FingerprintSpec, tx_param: str | None) -> Callable[...,
     if callable(spec):
         fn = spec
         return lambda *a, **kw: sha256_fingerprint(fn(*a, **kw))
-    fields = tuple(cast(Iterable[str], spec))
+    fields = tuple(spec)
     extract = [_keys.extractor(f) for f in fields]
-    return lambda *a, **kw: sha256_fingerprint({f: e(*a, **kw) for f, e in zip(fields, extract)})
+    return lambda *a, **kw: sha256_fingerprint(
+        {f: e(*a, **kw) for f, e in zip(fields, extract, strict=True)})
 
 
 class _Handler:
@@ -133,7 +135,7 @@ class _Handler:
         self.serializer = serializer or JSONSerializer()
         self.keep_failures = keep_failures
         self.heartbeat = heartbeat
-        policy = transient_retry() if retry is _DEFAULT else retry
+        policy = retry
         if policy is not None and not getattr(store, "may_fail_transiently", True):
             policy = None  # an in-process store has no transient faults to retry
         self.retrying = None if policy is None else (
@@ -249,6 +251,7 @@ class _Handler:
         with store.transaction(self.namespace, key, fp, self.ttl) as tx:
             if tx.existing is not None:
                 return _machine.replay(tx.existing, fp, self.serializer, store.clock())
+            assert self.tx_param is not None
             handle = self._tx_handle(tx)
             value = self._run(call, args, {**kwargs, self.tx_param: handle}, key, None)
             tx.commit(self._encode(value, key))
@@ -262,6 +265,7 @@ class _Handler:
         store: Any = self.store
         sync, _ = _sync_handle(own)
         tx = store.join(sync, self.namespace, key, fp, self.ttl)
+        assert self.tx_param is not None
         if tx.existing is not None:
             return _machine.replay(tx.existing, fp, self.serializer, store.clock())
         value = self._run(call, args, {**kwargs, self.tx_param: own}, key, None)
@@ -295,9 +299,9 @@ class _Handler:
             data = self._encode(value, key)
         except self.keep_failures as exc:
             _stop(beat)
+            failure = _machine.failure_result(exc)
             self._store_op(lambda k: store.complete(
-                ns, k, token, _machine.failure_result(exc), ttl=self.ttl, state=State.FAILED),
-                key)
+                ns, k, token, failure, ttl=self.ttl, state=State.FAILED), key)
             raise
         except BaseException:
             _stop(beat)

@@ -26,7 +26,8 @@ class JSONSerializer:
     (tuples come back as lists). NaN and infinities are refused, as JSON has none."""
 
     def dumps(self, value: Any) -> bytes:
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+        text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        return text.encode()
 
     def loads(self, data: bytes) -> Any:
         return json.loads(data)

@@ -41,3 +41,11 @@ def redis_server() -> Iterator[RedisServer]:
     """One private redis-server (127.0.0.1, free port, no persistence) for the session."""
     with RedisServer() as server:
         yield server
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def sql_url(request: pytest.FixtureRequest) -> str:
+    """A fresh database URL, once on SQLite and once on PostgreSQL."""
+    name = "sqlite_url" if request.param == "sqlite" else "pg_url"
+    url: str = request.getfixturevalue(name)
+    return url

@@ -78,7 +78,7 @@ class _Statements:
 
         # transactional claim: the row is written as completed at once; nobody sees it
         # before COMMIT, and a rollback takes it away
-        tx_values = {
+        tx_values: dict[str, Any] = {
             "namespace": _P("ns"), "key": _P("k"), "state": State.COMPLETED.value,
             "fingerprint": _P("fp"), "result": None, "token": None, "lease_until": None,
             "created_at": _P("now"), "completed_at": _P("now"), "expires_at": _P("exp"),
@@ -190,12 +190,13 @@ class SqlStore(Store):
             try:
                 from sqlalchemy.ext.asyncio import create_async_engine
 
-                engine: Engine | AsyncEngine = create_async_engine(url, **options)
+                async_engine = create_async_engine(url, **options)
             except ImportError as exc:  # greenlet or the async driver
                 raise IdempotencyError(
                     f"async engines need extra packages: pip install 'idempotent[async]' ({exc})"
                 ) from exc
-            sync_engine = engine.sync_engine
+            engine: Engine | AsyncEngine = async_engine
+            sync_engine = async_engine.sync_engine
         else:
             engine = sync_engine = sa.create_engine(url, **options)
         if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
