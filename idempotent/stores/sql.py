@@ -138,7 +138,9 @@ class SqlStore(Store):
     `Engine`, or an `AsyncEngine` (for ``async def`` handlers). ``lock_timeout`` bounds
     how long a delivery waits for a concurrent delivery of the same key (PostgreSQL
     ``lock_timeout``; SQLite's busy timeout for engines made from a URL), after which it
-    raises `AlreadyInProgress`.
+    raises `AlreadyInProgress`. ``fast_path=False`` turns off the PostgreSQL fast path
+    (prepared statements sent straight to libpq), for connection poolers such as PgBouncer
+    in transaction mode, which do not keep prepared statements between transactions.
     """
 
     transactional = True
@@ -151,6 +153,7 @@ class SqlStore(Store):
         schema: str | None = None,
         lock_timeout: float | None = 5.0,
         clock: Callable[[], float] = time.time,
+        fast_path: bool = True,
         **engine_options: Any,
     ) -> None:
         super().__init__(clock=clock)
@@ -169,7 +172,8 @@ class SqlStore(Store):
         self._st = _Statements(self.table, self.dialect)
         self._autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
         self._fast_pg = (
-            self.dialect == "postgresql"
+            fast_path
+            and self.dialect == "postgresql"
             and self.engine.dialect.driver == "psycopg"
             and self.async_engine is None
         )
@@ -313,6 +317,9 @@ class SqlStore(Store):
             if self._fast_pg:
                 existing = self._pg.claim(conn, params)
             else:
+                if self.dialect == "postgresql" and self.lock_timeout is not None:
+                    ms = max(1, int(self.lock_timeout * 1000))
+                    conn.exec_driver_sql(f"SET LOCAL lock_timeout = {ms}")
                 existing = self._claim_in(conn, params)
             yield Transaction(self, conn, namespace, key, existing, owner=True)
         finally:

@@ -1,0 +1,191 @@
+"""Transactional mode on both PostgreSQL paths (the libpq fast path and plain SQLAlchemy)
+and on SQLite: replay, conflict, rollback, a held key, isolation levels."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from idempotent import (
+    AlreadyInProgress,
+    IdempotencyKeyConflict,
+    SqlStore,
+    StoreUnavailable,
+    idempotent,
+)
+
+md = sa.MetaData()
+ledger = sa.Table(
+    "ledger", md,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("payment_id", sa.String(64), nullable=False),
+    sa.Column("cents", sa.Integer, nullable=False),
+)
+
+
+@pytest.fixture(params=["pg-fast", "pg-plain", "sqlite"])
+def store(request: pytest.FixtureRequest) -> Iterator[SqlStore]:
+    """A SqlStore with a ledger table, on each transactional path."""
+    if request.param == "sqlite":
+        s = SqlStore(request.getfixturevalue("sqlite_url"), lock_timeout=0.5)
+    else:
+        s = SqlStore(request.getfixturevalue("pg_url"), lock_timeout=0.5,
+                     fast_path=request.param == "pg-fast")
+        assert s._fast_pg is (request.param == "pg-fast")
+    s.create_schema()
+    md.create_all(s.engine)
+    yield s
+    s.engine.dispose()
+
+
+def ledger_totals(store: SqlStore) -> tuple[int, int]:
+    with store.engine.connect() as c:
+        n, total = c.execute(
+            sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(ledger.c.cents), 0))
+        ).one()
+    return int(n), int(total)
+
+
+def payer(store: SqlStore, **options: Any) -> Any:
+    @idempotent(store, key="payment_id", namespace="pay", **options)
+    def pay(msg: dict[str, Any], *, connection: sa.Connection) -> dict[str, Any]:
+        connection.execute(ledger.insert().values(payment_id=msg["payment_id"],
+                                                  cents=msg["cents"]))
+        if msg.get("explode"):
+            raise RuntimeError("after the write, before commit")
+        return {"applied": msg["payment_id"], "cents": msg["cents"]}
+
+    return pay
+
+
+def test_first_result_is_replayed_and_written_once(store: SqlStore) -> None:
+    """Three deliveries, one ledger row, three equal results; the record holds the result."""
+    pay = payer(store)
+    msg = {"payment_id": "p1", "cents": 250}
+    assert [pay(msg) for _ in range(3)] == [{"applied": "p1", "cents": 250}] * 3
+    assert ledger_totals(store) == (1, 250)
+    rec = store.get("pay", "p1")
+    assert rec is not None and rec.result == b'{"applied":"p1","cents":250}'
+
+
+def test_none_result_and_session_handlers(store: SqlStore) -> None:
+    """A handler returning None through an ORM Session: recorded, replayed as None."""
+    runs: list[int] = []
+
+    @idempotent(store, key="payment_id", namespace="orm")
+    def pay(msg: dict[str, Any], *, session: Session) -> None:
+        runs.append(1)
+        session.execute(ledger.insert().values(payment_id=msg["payment_id"], cents=1))
+
+    assert pay({"payment_id": "n"}) is None
+    assert pay({"payment_id": "n"}) is None
+    assert runs == [1] and ledger_totals(store) == (1, 1)
+
+
+def test_error_after_write_rolls_back_everything(store: SqlStore) -> None:
+    """An exception after the handler's write leaves no row and no key; the retry applies."""
+    pay = payer(store)
+    with pytest.raises(RuntimeError):
+        pay({"payment_id": "e", "cents": 5, "explode": True})
+    assert ledger_totals(store) == (0, 0) and store.get("pay", "e") is None
+    pay({"payment_id": "e", "cents": 5})
+    assert ledger_totals(store) == (1, 5)
+
+
+def test_conflict_rolls_back(store: SqlStore) -> None:
+    """Same key, other amount: IdempotencyKeyConflict with the key and first record."""
+    pay = payer(store)
+    pay({"payment_id": "c", "cents": 5})
+    with pytest.raises(IdempotencyKeyConflict) as info:
+        pay({"payment_id": "c", "cents": 6})
+    assert info.value.key == "c" and info.value.record.result is not None
+    assert ledger_totals(store) == (1, 5)
+
+
+def test_a_held_key_waits_then_raises_already_in_progress(store: SqlStore) -> None:
+    """While another transaction holds the key uncommitted, a delivery waits lock_timeout,
+    then gives up (AlreadyInProgress on PostgreSQL, StoreUnavailable for SQLite's busy
+    database); once the holder rolls back, the delivery runs."""
+    pay = payer(store, retry=None)
+    holding, release = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    @idempotent(store, key="payment_id", namespace="pay", retry=None)
+    def hold(msg: dict[str, Any], *, connection: sa.Connection) -> None:
+        connection.execute(ledger.insert().values(payment_id="h", cents=99))
+        holding.set()
+        assert release.wait(30)
+        raise RuntimeError("the holder crashes")
+
+    def holder() -> None:
+        try:
+            hold({"payment_id": "h", "cents": 1})
+        except BaseException as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=holder)
+    t.start()
+    assert holding.wait(30)
+    try:
+        # PostgreSQL waits on the key's index entry; SQLite on the database write lock,
+        # which is not the key's own, so there it is a store that is busy
+        expected = AlreadyInProgress if store.dialect == "postgresql" else StoreUnavailable
+        with pytest.raises(expected) as info:
+            pay({"payment_id": "h", "cents": 1})
+        assert info.value.key == "h"
+    finally:
+        release.set()
+        t.join(30)
+    assert [type(e) for e in errors] == [RuntimeError]
+    assert pay({"payment_id": "h", "cents": 1}) == {"applied": "h", "cents": 1}
+    assert ledger_totals(store) == (1, 1)
+
+
+def test_caller_transaction_is_not_committed(store: SqlStore) -> None:
+    """With the caller's own connection, the decorator never commits: a rollback forgets
+    both the ledger row and the key."""
+    pay = payer(store)
+    with store.engine.connect() as conn:
+        with conn.begin() as tx:
+            pay({"payment_id": "own", "cents": 3}, connection=conn)
+            assert pay({"payment_id": "own", "cents": 3}, connection=conn)["cents"] == 3
+            tx.rollback()
+    assert ledger_totals(store) == (0, 0) and store.get("pay", "own") is None
+    with store.engine.begin() as conn:
+        pay({"payment_id": "own", "cents": 3}, connection=conn)
+    assert ledger_totals(store) == (1, 3) and store.get("pay", "own") is not None
+
+
+def test_handler_that_ends_the_transaction_is_refused(store: SqlStore) -> None:
+    """A handler that rolls back the decorator's transaction gets an error, nothing recorded."""
+
+    @idempotent(store, key="payment_id", namespace="rude", retry=None)
+    def rude(msg: dict[str, Any], *, connection: sa.Connection) -> int:
+        connection.execute(ledger.insert().values(payment_id="r", cents=1))
+        tx = connection.get_transaction()
+        assert tx is not None
+        tx.rollback()
+        return 1
+
+    with pytest.raises(sa.exc.InvalidRequestError, match="ended the transaction"):
+        rude({"payment_id": "r"})
+    assert ledger_totals(store) == (0, 0) and store.get("rude", "r") is None
+
+
+def test_serializable_engine(request: pytest.FixtureRequest, pg_url: str) -> None:
+    """The fast path opens its transaction at the engine's isolation level."""
+    engine = sa.create_engine(pg_url, isolation_level="SERIALIZABLE")
+    store = SqlStore(engine)
+    store.create_schema()
+
+    @idempotent(store, key="k", namespace="iso")
+    def level(msg: dict[str, Any], *, connection: sa.Connection) -> str:
+        return str(connection.exec_driver_sql("SHOW transaction_isolation").scalar())
+
+    assert level({"k": 1}) == "serializable"
+    engine.dispose()
