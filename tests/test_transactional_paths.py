@@ -150,11 +150,10 @@ def test_caller_transaction_is_not_committed(store: SqlStore) -> None:
     """With the caller's own connection, the decorator never commits: a rollback forgets
     both the ledger row and the key."""
     pay = payer(store)
-    with store.engine.connect() as conn:
-        with conn.begin() as tx:
-            pay({"payment_id": "own", "cents": 3}, connection=conn)
-            assert pay({"payment_id": "own", "cents": 3}, connection=conn)["cents"] == 3
-            tx.rollback()
+    with store.engine.connect() as conn, conn.begin() as tx:
+        pay({"payment_id": "own", "cents": 3}, connection=conn)
+        assert pay({"payment_id": "own", "cents": 3}, connection=conn)["cents"] == 3
+        tx.rollback()
     assert ledger_totals(store) == (0, 0) and store.get("pay", "own") is None
     with store.engine.begin() as conn:
         pay({"payment_id": "own", "cents": 3}, connection=conn)
