@@ -188,3 +188,28 @@ def test_serializable_engine(request: pytest.FixtureRequest, pg_url: str) -> Non
 
     assert level({"k": 1}) == "serializable"
     engine.dispose()
+
+
+def test_fast_path_survives_psycopg_deallocate_all(pg_url: str) -> None:
+    """psycopg sends DEALLOCATE ALL after a DROP on a connection where it prepared
+    statements; the claim's own prepared statement is then prepared again, not lost."""
+    engine = sa.create_engine(pg_url, pool_size=1, max_overflow=0)
+    store = SqlStore(engine)
+    store.create_schema()
+    md.create_all(engine)
+    pay = payer(store)
+    pay({"payment_id": "before", "cents": 1})  # prepares the claim on the one connection
+    with engine.begin() as conn:
+        for _ in range(8):  # past psycopg's prepare_threshold: it prepares this one
+            conn.exec_driver_sql("SELECT 1").scalar()
+        conn.exec_driver_sql("CREATE TABLE scratch (x int)")
+        conn.exec_driver_sql("DROP TABLE scratch")  # → psycopg: DEALLOCATE ALL
+        conn.exec_driver_sql("SELECT 1").scalar()
+    with engine.connect() as conn:  # the premise: our statement was deallocated
+        left = conn.execute(sa.text(
+            "SELECT count(*) FROM pg_prepared_statements WHERE name LIKE 'idem_claim_%'"))
+        assert left.scalar() == 0
+    assert pay({"payment_id": "after", "cents": 2}) == {"applied": "after", "cents": 2}
+    assert pay({"payment_id": "after", "cents": 2}) == {"applied": "after", "cents": 2}
+    assert ledger_totals(store) == (2, 3)
+    engine.dispose()

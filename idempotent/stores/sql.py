@@ -548,7 +548,7 @@ class _PgSql:
         t = dialect.identifier_preparer.format_table(table)
         digest = hashlib.sha1(f"{t}:v1".encode()).hexdigest()[:12]
         self.prepared_flag = f"idempotent_prepared_{digest}"
-        claim, result = f"idem_claim_{digest}", f"idem_result_{digest}"
+        claim = f"idem_claim_{digest}"
         self.prepare = (
             f"PREPARE {claim} (text, text, text, float8, float8) AS "
             f"INSERT INTO {t} AS r (namespace, key, state, fingerprint, created_at, "
@@ -557,16 +557,16 @@ class _PgSql:
             "fingerprint = EXCLUDED.fingerprint, result = NULL, token = NULL, "
             "lease_until = NULL, created_at = EXCLUDED.created_at, "
             "completed_at = EXCLUDED.completed_at, expires_at = EXCLUDED.expires_at "
-            "WHERE r.expires_at <= $4 RETURNING 1; "
-            f"PREPARE {result} (bytea, text, text) AS "
-            f"UPDATE {t} SET result = $1 WHERE namespace = $2 AND key = $3"
+            "WHERE r.expires_at <= $4 RETURNING 1"
         ).encode()
         ms = None if lock_timeout is None else max(1, int(lock_timeout * 1000))
         # lock_timeout holds for the whole transaction: a concurrent delivery of the same
         # key waits at most that long, and so does any lock wait of the handler's
         self.set_lock = b"" if ms is None else f"SET LOCAL lock_timeout = {ms}; ".encode()
         self.execute_claim = f"EXECUTE {claim}(".encode()
-        self.execute_result = f"EXECUTE {result}(decode('".encode()
+        # not prepared: psycopg may DEALLOCATE ALL after DDL on the connection, and the
+        # transaction would be lost with it; the claim can be prepared again, this cannot
+        self.store_result = f"UPDATE {t} SET result = decode('".encode()
         self.select = (
             f"SELECT {', '.join(_COLUMNS)} FROM {t} WHERE namespace = %(ns)s AND key = %(k)s"
         )
@@ -594,7 +594,16 @@ class _PgSql:
             repr(float(params["now"])).encode(), b",", repr(float(params["exp"])).encode(), b")",
         ))
         try:
-            res = _exec(conn, query)
+            try:
+                res = _exec(conn, query)
+            except Exception as exc:
+                if getattr(exc, "sqlstate", None) != "26000":
+                    raise
+                # psycopg ran DEALLOCATE ALL (it does after DDL on the connection): nothing
+                # ran yet in this transaction, so roll back, prepare again, claim again
+                _exec(conn, b"ROLLBACK")
+                _exec(conn, self.prepare, ok_sqlstates=("42P05",))
+                res = _exec(conn, query)
         except Exception as exc:
             if getattr(exc, "sqlstate", None) == "55P03":
                 raise AlreadyInProgress(
@@ -625,8 +634,9 @@ class _PgSql:
             lit = conn.connection.info[self.prepared_flag]
             enc = raw.info.encoding
             query = b"".join((
-                self.execute_result, result.hex().encode(), b"', 'hex'),",
-                lit(params["ns"].encode(enc)), b",", lit(params["k"].encode(enc)), b"); COMMIT",
+                self.store_result, result.hex().encode(), b"', 'hex') WHERE namespace = ",
+                lit(params["ns"].encode(enc)), b" AND key = ", lit(params["k"].encode(enc)),
+                b"; COMMIT",
             ))
         res = _exec(conn, query)
         if res.command_status != b"COMMIT":  # COMMIT of a failed transaction says ROLLBACK
