@@ -548,7 +548,7 @@ class _PgSql:
         t = dialect.identifier_preparer.format_table(table)
         digest = hashlib.sha1(f"{t}:v1".encode()).hexdigest()[:12]
         self.prepared_flag = f"idempotent_prepared_{digest}"
-        claim = f"idem_claim_{digest}"
+        claim, read = f"idem_claim_{digest}", f"idem_read_{digest}"
         self.prepare = (
             f"PREPARE {claim} (text, text, text, float8, float8) AS "
             f"INSERT INTO {t} AS r (namespace, key, state, fingerprint, created_at, "
@@ -557,53 +557,56 @@ class _PgSql:
             "fingerprint = EXCLUDED.fingerprint, result = NULL, token = NULL, "
             "lease_until = NULL, created_at = EXCLUDED.created_at, "
             "completed_at = EXCLUDED.completed_at, expires_at = EXCLUDED.expires_at "
-            "WHERE r.expires_at <= $4 RETURNING 1"
+            "WHERE r.expires_at <= $4 RETURNING 1; "
+            f"PREPARE {read} (text, text) AS SELECT {', '.join(_COLUMNS)} FROM {t} "
+            "WHERE namespace = $1 AND key = $2; "
         ).encode()
         ms = None if lock_timeout is None else max(1, int(lock_timeout * 1000))
         # lock_timeout holds for the whole transaction: a concurrent delivery of the same
         # key waits at most that long, and so does any lock wait of the handler's
         self.set_lock = b"" if ms is None else f"SET LOCAL lock_timeout = {ms}; ".encode()
         self.execute_claim = f"EXECUTE {claim}(".encode()
-        # not prepared: psycopg may DEALLOCATE ALL after DDL on the connection, and the
-        # transaction would be lost with it; the claim can be prepared again, this cannot
+        self.execute_read = f"ROLLBACK; EXECUTE {read}(".encode()
+        # not prepared: a transaction that lost its prepared statement to psycopg's
+        # DEALLOCATE ALL would be lost with it; the claim, first in line, can recover
         self.store_result = f"UPDATE {t} SET result = decode('".encode()
-        self.select = (
-            f"SELECT {', '.join(_COLUMNS)} FROM {t} WHERE namespace = %(ns)s AND key = %(k)s"
-        )
         self.lock_timeout = lock_timeout
 
     def claim(self, conn: Connection, params: dict[str, Any]) -> Record | None:
         raw: Any = conn.connection.driver_connection
-        pgconn = raw.pgconn
         info = conn.connection.info
         lit = info.get(self.prepared_flag)
-        if lit is None:
+        prepare = b""
+        if lit is None:  # a new connection: prepare in the same round trip as the claim
             from psycopg import pq
 
-            _exec(conn, self.prepare, ok_sqlstates=("42P05",))  # 42P05: already prepared
-            lit = info[self.prepared_flag] = pq.Escaping(pgconn).escape_literal
+            lit = info[self.prepared_flag] = pq.Escaping(raw.pgconn).escape_literal
+            prepare = self.prepare
         enc = raw.info.encoding
+        ns, key = lit(params["ns"].encode(enc)), lit(params["k"].encode(enc))
         fp = params["fp"]
         begin = b"BEGIN"
         if raw.isolation_level is not None:  # the engine's isolation level, as psycopg would
             begin += b" ISOLATION LEVEL " + raw.isolation_level.name.replace("_", " ").encode()
-        query = b"".join((
-            begin, b"; ", self.set_lock, self.execute_claim,
-            lit(params["ns"].encode(enc)), b",", lit(params["k"].encode(enc)), b",",
+        claim = b"".join((
+            self.set_lock, self.execute_claim, ns, b",", key, b",",
             b"NULL" if fp is None else lit(fp.encode(enc)), b",",
             repr(float(params["now"])).encode(), b",", repr(float(params["exp"])).encode(), b")",
         ))
+        begin += b"; "
         try:
-            try:
-                res = _exec(conn, query)
+            try:  # PREPARE after BEGIN: an isolation level must come first; rollbacks keep it
+                res = _exec(conn, begin + prepare + claim)
             except Exception as exc:
-                if getattr(exc, "sqlstate", None) != "26000":
+                state = getattr(exc, "sqlstate", None)
+                if state == "42P05":  # prepared already (by an earlier store on this session)
+                    res = _exec(conn, b"ROLLBACK; " + begin + claim)
+                elif state == "26000":
+                    # psycopg ran DEALLOCATE ALL (it does on its own rollbacks and after
+                    # DDL): nothing ran in this transaction yet; prepare again and claim
+                    res = _exec(conn, b"ROLLBACK; " + begin + self.prepare + claim)
+                else:
                     raise
-                # psycopg ran DEALLOCATE ALL (it does after DDL on the connection): nothing
-                # ran yet in this transaction, so roll back, prepare again, claim again
-                _exec(conn, b"ROLLBACK")
-                _exec(conn, self.prepare, ok_sqlstates=("42P05",))
-                res = _exec(conn, query)
         except Exception as exc:
             if getattr(exc, "sqlstate", None) == "55P03":
                 raise AlreadyInProgress(
@@ -616,14 +619,14 @@ class _PgSql:
             raise
         if res.ntuples:
             return None
-        # a duplicate: one more round trip to read the record (psycopg sees the open
-        # transaction and sends no BEGIN)
-        row = raw.execute(self.select, params).fetchone()
-        if row is None:
+        # a duplicate: end the transaction and read the committed record in one round
+        # trip, through libpq, so psycopg does not see a ROLLBACK (it would DEALLOCATE ALL)
+        res = _exec(conn, b"".join((self.execute_read, ns, b",", key, b")")))
+        if not res.ntuples:
             raise sa.exc.InvalidRequestError(
                 "idempotency record vanished between claim and read (purged?)"
             )
-        return _to_record(row)
+        return _record_from_text(res)
 
     def finish(self, conn: Connection, params: dict[str, Any]) -> None:
         raw: Any = conn.connection.driver_connection
@@ -644,6 +647,24 @@ class _PgSql:
                 f"{params['ns']}: the transaction for key {params['k']!r} was rolled back "
                 f"at commit ({res.command_status.decode()}); nothing was recorded"
             )
+
+
+def _record_from_text(res: Any) -> Record:
+    """The record in the first row of a libpq result in text format."""
+    v = [res.get_value(0, i) for i in range(len(_COLUMNS))]
+
+    def num(b: bytes | None) -> float | None:
+        return None if b is None else float(b)
+
+    result = v[4]
+    if result is not None:  # bytea, hex output format: \x...
+        result = bytes.fromhex(result[2:].decode())
+    return Record(
+        namespace=v[0].decode(), key=v[1].decode(), state=State(v[2].decode()),
+        fingerprint=None if v[3] is None else v[3].decode(), result=result,
+        token=None if v[5] is None else v[5].decode(), lease_until=num(v[6]),
+        created_at=float(v[7]), completed_at=num(v[8]), expires_at=float(v[9]),
+    )
 
 
 def _exec(conn: Connection, query: bytes, ok_sqlstates: tuple[str, ...] = ()) -> Any:
