@@ -663,7 +663,7 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
 __all__ = [
     "MISSING_KEYS", "NS", "Db", "check_caller_controlled_transaction",
     "check_concurrent_deliveries", "check_crash_inside_transaction",
-    "check_held_key_raises_already_in_progress", "check_key_conflict",
+    "check_held_key_gives_up", "check_key_conflict",
     "check_long_keys", "check_missing_key", "check_record_primitives",
     "check_result_not_serializable", "check_ttl", "first_result", "make_handler", "wait_for",
 ]
