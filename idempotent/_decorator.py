@@ -198,28 +198,26 @@ class _Handler:
         return await greenlet_spawn(self._leased, key, fp, args, kwargs, call)
 
     # -- retries -----------------------------------------------------------------------
-    def _unavailable(self, exc: BaseException, key: str) -> BaseException:
-        if isinstance(exc, tenacity.RetryError):
+    def _raise_unavailable(self, exc: BaseException, key: str) -> None:
+        """A transient store fault that outlasted the policy becomes `StoreUnavailable`."""
+        if isinstance(exc, IdempotencyError):
+            return
+        if isinstance(exc, tenacity.RetryError):  # a policy without reraise=True
             exc = exc.last_attempt.exception() or exc
         if is_transient(exc):
-            return StoreUnavailable(
+            raise StoreUnavailable(
                 f"{self.namespace}: store unavailable for key {key!r} after retries: {exc}",
                 cause=exc, namespace=self.namespace, key=key,
-            )
-        return exc
+            ) from exc
 
     def _with_retry(self, op: Callable[..., Any], key: str, *rest: Any) -> Any:
         try:
             if self.retrying is None:
                 return op(key, *rest)
             return self.retrying(op, key, *rest)
-        except IdempotencyError:
-            raise
         except Exception as exc:
-            mapped = self._unavailable(exc, key)
-            if mapped is exc:
-                raise
-            raise mapped from exc
+            self._raise_unavailable(exc, key)
+            raise
 
     async def _with_retry_async(self, spawn: Any, op: Callable[..., Any], key: str,
                                 *rest: Any) -> Any:
@@ -227,13 +225,9 @@ class _Handler:
             if self.retrying is None:
                 return await spawn(op, key, *rest)
             return await self.retrying(spawn, op, key, *rest)
-        except IdempotencyError:
-            raise
         except Exception as exc:
-            mapped = self._unavailable(exc, key)
-            if mapped is exc:
-                raise
-            raise mapped from exc
+            self._raise_unavailable(exc, key)
+            raise
 
     def _store_op(self, op: Callable[[str], Any], key: str) -> Any:
         """A store operation in lease mode, under the retry policy (for async handlers the

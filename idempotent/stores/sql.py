@@ -341,7 +341,7 @@ class SqlStore(Store):
             if self._insert(conn, self._st.claim_tx, params):
                 return None
         except sa.exc.DBAPIError as exc:
-            self._raise_if_lock_timeout(exc, params)
+            _raise_if_lock_timeout(exc, params, self.lock_timeout)
             raise
         record = self._select(conn, params["ns"], params["k"])
         if record is None:
@@ -349,17 +349,6 @@ class SqlStore(Store):
                 "idempotency record vanished between claim and read (purged?)"
             )
         return record
-
-    def _raise_if_lock_timeout(self, exc: BaseException, params: dict[str, Any]) -> None:
-        orig = getattr(exc, "orig", exc)
-        if getattr(orig, "sqlstate", None) == "55P03":
-            raise AlreadyInProgress(
-                f"{params['ns']}: key {params['k']!r} is held by a concurrent "
-                f"transaction (waited {self.lock_timeout}s)",
-                namespace=params["ns"],
-                key=params["k"],
-                retry_after=self.lock_timeout or 1.0,
-            ) from exc
 
     # -- the primitive: join the caller's transaction --------------------------------------
     @overload
@@ -608,14 +597,7 @@ class _PgSql:
                 else:
                     raise
         except Exception as exc:
-            if getattr(exc, "sqlstate", None) == "55P03":
-                raise AlreadyInProgress(
-                    f"{params['ns']}: key {params['k']!r} is held by a concurrent "
-                    f"transaction (waited {self.lock_timeout}s)",
-                    namespace=params["ns"],
-                    key=params["k"],
-                    retry_after=self.lock_timeout or 1.0,
-                ) from exc
+            _raise_if_lock_timeout(exc, params, self.lock_timeout)
             raise
         if res.ntuples:
             return None
@@ -647,6 +629,21 @@ class _PgSql:
                 f"{params['ns']}: the transaction for key {params['k']!r} was rolled back "
                 f"at commit ({res.command_status.decode()}); nothing was recorded"
             )
+
+
+def _raise_if_lock_timeout(
+    exc: BaseException, params: dict[str, Any], lock_timeout: float | None
+) -> None:
+    """A claim that waited lock_timeout for a concurrent delivery: `AlreadyInProgress`."""
+    orig = getattr(exc, "orig", exc)  # SQLAlchemy wraps, the libpq path does not
+    if getattr(orig, "sqlstate", None) == "55P03":
+        raise AlreadyInProgress(
+            f"{params['ns']}: key {params['k']!r} is held by a concurrent "
+            f"transaction (waited {lock_timeout}s)",
+            namespace=params["ns"],
+            key=params["k"],
+            retry_after=lock_timeout or 1.0,
+        ) from exc
 
 
 def _record_from_text(res: Any) -> Record:
