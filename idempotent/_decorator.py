@@ -7,6 +7,7 @@ same flow inside SQLAlchemy's greenlet bridge (``greenlet_spawn``), its body awa
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 from collections.abc import Callable, Iterable
@@ -138,8 +139,11 @@ class _Handler:
         policy = retry
         if policy is not None and not getattr(store, "may_fail_transiently", True):
             policy = None  # an in-process store has no transient faults to retry
-        self.retrying = None if policy is None else (
+        self.policy = None if policy is None else (
             as_async(policy) if self.is_async else as_sync(policy))
+        # what takes over after a failed first attempt: the same policy, counting it
+        self.retrying = None if self.policy is None else self.policy.copy(
+            stop=_CountingFirst(self.policy.stop))
         self.wrapper = self._make_wrapper()
 
     # -- entry points ------------------------------------------------------------------
@@ -210,11 +214,26 @@ class _Handler:
                 cause=exc, namespace=self.namespace, key=key,
             ) from exc
 
+    # The first attempt runs outside tenacity: setting up a retry loop costs more than
+    # the rest of a call, and most calls succeed at once. Only a failure that the
+    # policy's own `retry` predicate would retry is handed to the policy, which then
+    # makes its attempts (so at most 1 + the policy's attempts in all).
+    def _retries(self, exc: BaseException) -> bool:
+        if self.retrying is None or isinstance(exc, IdempotencyError):
+            return False
+        state = tenacity.RetryCallState(self.retrying, None, (), {})
+        state.outcome = tenacity.Future.construct(1, exc, True)
+        return bool(self.retrying.retry(state))  # the policy's own predicate decides
+
     def _with_retry(self, op: Callable[..., Any], key: str, *rest: Any) -> Any:
         try:
-            if self.retrying is None:
-                return op(key, *rest)
-            return self.retrying(op, key, *rest)
+            return op(key, *rest)
+        except Exception as exc:
+            if not self._retries(exc):
+                self._raise_unavailable(exc, key)
+                raise
+        try:
+            return self.retrying(op, key, *rest)  # type: ignore[misc]
         except Exception as exc:
             self._raise_unavailable(exc, key)
             raise
@@ -222,9 +241,13 @@ class _Handler:
     async def _with_retry_async(self, spawn: Any, op: Callable[..., Any], key: str,
                                 *rest: Any) -> Any:
         try:
-            if self.retrying is None:
-                return await spawn(op, key, *rest)
-            return await self.retrying(spawn, op, key, *rest)
+            return await spawn(op, key, *rest)
+        except Exception as exc:
+            if not self._retries(exc):
+                self._raise_unavailable(exc, key)
+                raise
+        try:
+            return await self.retrying(spawn, op, key, *rest)  # type: ignore[misc]
         except Exception as exc:
             self._raise_unavailable(exc, key)
             raise
@@ -340,6 +363,19 @@ class _Handler:
         if value is None:
             return None
         return encode_result(self.serializer, value, namespace=self.namespace, key=key)
+
+
+class _CountingFirst:
+    """A tenacity stop strategy: the policy's own, with the attempt made before the
+    policy took over counted, so ``stop_after_attempt(3)`` still means three in all."""
+
+    def __init__(self, stop: Any) -> None:
+        self.stop = stop
+
+    def __call__(self, retry_state: tenacity.RetryCallState) -> bool:
+        shifted = copy.copy(retry_state)
+        shifted.attempt_number += 1
+        return bool(self.stop(shifted))
 
 
 def _stop(beat: _heartbeat.Beat | None) -> None:
