@@ -44,6 +44,7 @@ def idempotent(
     serializer: Serializer | None = None,
     keep_failures: tuple[type[BaseException], ...] = (),
     heartbeat: bool = True,
+    optimistic: bool = True,
 ) -> Callable[[F], F]:
     """Make a handler run once per idempotency key; duplicates get the first result.
 
@@ -61,6 +62,9 @@ def idempotent(
       `transient_retry()`); None for a single attempt. `StoreUnavailable` when it gives up.
     * ``keep_failures``: exception types kept as ``failed`` (poison messages); duplicates
       then raise `PreviousAttemptFailed`. Other exceptions release the key for a retry.
+    * ``optimistic`` (transactional mode): True writes the key once, with the result, at
+      commit; a concurrent duplicate runs too and is rolled back at the key. False claims
+      the key first, so a concurrent duplicate waits instead of running.
 
     A handler that takes ``session`` or ``connection`` runs in **transactional mode**
     (SQL stores only): it gets a SQLAlchemy ``Session``/``Connection`` whose transaction
@@ -73,7 +77,7 @@ def idempotent(
         return cast(F, _Handler(
             fn, store, key=key, namespace=namespace, scope=scope, fingerprint=fingerprint,
             ttl=ttl, lease=lease, retry=retry, serializer=serializer,
-            keep_failures=keep_failures, heartbeat=heartbeat,
+            keep_failures=keep_failures, heartbeat=heartbeat, optimistic=optimistic,
         ).wrapper)
 
     return decorate
@@ -106,6 +110,7 @@ class _Handler:
         fingerprint: FingerprintSpec, ttl: float, lease: float | None,
         retry: Any, serializer: Serializer | None,
         keep_failures: tuple[type[BaseException], ...], heartbeat: bool,
+        optimistic: bool = True,
     ) -> None:
         self.fn = fn
         self.store = store
@@ -136,6 +141,7 @@ class _Handler:
         self.serializer = serializer or JSONSerializer()
         self.keep_failures = keep_failures
         self.heartbeat = heartbeat
+        self.optimistic = optimistic
         policy = retry
         if policy is not None and not getattr(store, "may_fail_transiently", True):
             policy = None  # an in-process store has no transient faults to retry
@@ -265,13 +271,16 @@ class _Handler:
     def _transactional(self, key: str, fp: str | None, args: tuple[Any, ...],
                        kwargs: dict[str, Any], call: Callable[..., Any]) -> Any:
         store: Any = self.store
-        with store.transaction(self.namespace, key, fp, self.ttl) as tx:
+        with store.transaction(self.namespace, key, fp, self.ttl,
+                               optimistic=self.optimistic) as tx:
             if tx.existing is not None:
                 return _machine.replay(tx.existing, fp, self.serializer, store.clock())
             assert self.tx_param is not None
             handle = self._tx_handle(tx)
             value = self._run(call, args, {**kwargs, self.tx_param: handle}, key, None)
-            tx.commit(self._encode(value, key))
+            winner = tx.commit(self._encode(value, key))
+            if winner is not None:  # a concurrent delivery committed first; ours rolled back
+                return _machine.replay(winner, fp, self.serializer, store.clock())
             return value
 
     def _joined(self, own: Any, key: str, fp: str | None, args: tuple[Any, ...],

@@ -76,16 +76,20 @@ def lock_waits_sampled(pg_server: PostgresServer, dbname: str) -> Iterator[list[
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("optimistic", [True, False], ids=["optimistic", "pessimistic"])
 def test_concurrent_duplicate_deliveries_apply_each_payment_once(
-    db: Db, tmp_path: Path, pg_server: PostgresServer
+    db: Db, tmp_path: Path, pg_server: PostgresServer, optimistic: bool
 ) -> None:
     assert SqlStore(db.engine)._fast_pg  # the workers' stores take the psycopg fast path
     with lock_waits_sampled(pg_server, _dbname(db)) as seen:
         run = _payments.check_concurrent_deliveries(db, tmp_path, workers=8, payments=2000,
-                                                    seed=11)
+                                                    seed=11, optimistic=optimistic)
     print(f"postgresql: {run}; lock waits seen in {seen[1]} of {seen[0]} samples")
-    # the run did exercise the hard case: duplicates blocked on an uncommitted claim
-    assert seen[1] > 0, "no delivery was ever seen waiting for a concurrent duplicate"
+    # the run did exercise the hard case: concurrent duplicates of one payment
+    if optimistic:  # both ran; the later one was rolled back at the key
+        assert run.handler_runs > 2000, "no concurrent duplicate ever raced"
+    else:  # the later one blocked on the uncommitted claim
+        assert seen[1] > 0, "no delivery was ever seen waiting for a concurrent duplicate"
 
 
 def test_duplicates_keep_the_fast_path_prepared(db: Db) -> None:
@@ -127,6 +131,10 @@ def test_worker_killed_inside_transaction_leaves_nothing(db: Db, pg_server: Post
                                       connect_args={"application_name": app}),
         wait_until_blocked=lambda: wait_for(blocked, 30, "the waiter to block on the key"),
     )
+
+
+def test_worker_killed_inside_an_optimistic_transaction_leaves_nothing(db: Db) -> None:
+    _payments.check_crash_inside_transaction(db, optimistic=True)
 
 
 def test_delivery_of_a_held_key_gives_up_with_already_in_progress(db: Db) -> None:

@@ -29,8 +29,12 @@ def db(sqlite_url: str) -> Iterator[Db]:
 
 
 @pytest.mark.slow
-def test_concurrent_duplicate_deliveries_apply_each_payment_once(db: Db, tmp_path: Path) -> None:
-    run = _payments.check_concurrent_deliveries(db, tmp_path, workers=4, payments=500, seed=7)
+@pytest.mark.parametrize("optimistic", [True, False], ids=["optimistic", "pessimistic"])
+def test_concurrent_duplicate_deliveries_apply_each_payment_once(
+    db: Db, tmp_path: Path, optimistic: bool
+) -> None:
+    run = _payments.check_concurrent_deliveries(db, tmp_path, workers=4, payments=500, seed=7,
+                                                optimistic=optimistic)
     print(f"sqlite: {run}")
 
 

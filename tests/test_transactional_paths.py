@@ -107,15 +107,15 @@ def test_conflict_rolls_back(store: SqlStore) -> None:
     assert ledger_totals(store) == (1, 5)
 
 
-def test_a_held_key_waits_then_raises_already_in_progress(store: SqlStore) -> None:
+def test_a_held_key_waits_then_gives_up_when_pessimistic(store: SqlStore) -> None:
     """While another transaction holds the key uncommitted, a delivery waits lock_timeout,
     then gives up (AlreadyInProgress on PostgreSQL, StoreUnavailable for SQLite's busy
     database); once the holder rolls back, the delivery runs."""
-    pay = payer(store, retry=None)
+    pay = payer(store, retry=None, optimistic=False)
     holding, release = threading.Event(), threading.Event()
     errors: list[BaseException] = []
 
-    @idempotent(store, key="payment_id", namespace="pay", retry=None)
+    @idempotent(store, key="payment_id", namespace="pay", retry=None, optimistic=False)
     def hold(msg: dict[str, Any], *, connection: sa.Connection) -> None:
         connection.execute(ledger.insert().values(payment_id="h", cents=99))
         holding.set()
@@ -144,6 +144,41 @@ def test_a_held_key_waits_then_raises_already_in_progress(store: SqlStore) -> No
     assert [type(e) for e in errors] == [RuntimeError]
     assert pay({"payment_id": "h", "cents": 1}) == {"applied": "h", "cents": 1}
     assert ledger_totals(store) == (1, 1)
+
+
+def test_optimistic_race_the_later_commit_rolls_back(pg_url: str) -> None:
+    """Optimistic: while a first delivery sits between its write and its commit, a second
+    one runs and commits; the first, resumed, fails on the key at commit, rolls back its
+    write and returns the second's result. One ledger row: the winner's."""
+    store = SqlStore(pg_url)
+    store.create_schema()
+    md.create_all(store.engine)
+    written, release = threading.Event(), threading.Event()
+    outcome: list[Any] = []
+
+    @idempotent(store, key="payment_id", namespace="race")
+    def slow(msg: dict[str, Any], *, connection: sa.Connection) -> dict[str, str]:
+        connection.execute(ledger.insert().values(payment_id="r", cents=1))
+        written.set()
+        assert release.wait(30)
+        return {"by": "slow"}
+
+    @idempotent(store, key="payment_id", namespace="race")
+    def fast(msg: dict[str, Any], *, connection: sa.Connection) -> dict[str, str]:
+        connection.execute(ledger.insert().values(payment_id="r", cents=2))
+        return {"by": "fast"}
+
+    t = threading.Thread(target=lambda: outcome.append(slow({"payment_id": "r"})))
+    t.start()
+    try:
+        assert written.wait(30)
+        assert fast({"payment_id": "r"}) == {"by": "fast"}
+    finally:
+        release.set()
+        t.join(30)
+    assert outcome == [{"by": "fast"}]
+    assert ledger_totals(store) == (1, 2)
+    store.engine.dispose()
 
 
 def test_caller_transaction_is_not_committed(store: SqlStore) -> None:

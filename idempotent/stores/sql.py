@@ -105,6 +105,8 @@ class _Statements:
             self.claim_tx = sa.insert(t).values(tx_values)
             self.claim_lease = sa.insert(t).values(lease_values)
         self.delete_expired = sa.delete(t).where(where_key & expired)
+        # optimistic mode writes the record once, after the handler, with its result
+        self.insert_done = sa.insert(t).values({**tx_values, "result": _P("res")})
         self.store_result = (
             sa.update(t).where(where_key).values(result=_P("res"))
         )
@@ -299,14 +301,21 @@ class SqlStore(Store):
     # -- transactional mode -------------------------------------------------------------
     @contextmanager
     def transaction(
-        self, namespace: str, key: str, fingerprint: str | None, ttl: float = DEFAULT_TTL
+        self, namespace: str, key: str, fingerprint: str | None, ttl: float = DEFAULT_TTL,
+        *, optimistic: bool = False,
     ) -> Iterator[Transaction]:
-        """Open a transaction and claim ``key`` in it.
+        """Open a transaction for one delivery of ``key``.
 
-        ``tx.existing`` is the committed record of an earlier delivery (then nothing was
-        written: the caller replays it), or None: the key is ours until the transaction
-        ends. The caller runs its writes on ``tx.connection`` (or ``tx.session()``) and
-        calls ``tx.commit(result)``; leaving the block otherwise rolls everything back.
+        ``tx.existing`` is the committed record of an earlier delivery (the caller replays
+        it; nothing was written), or None: the caller runs its writes on
+        ``tx.connection`` (or ``tx.session()``) and calls ``tx.commit(result)``; leaving
+        the block otherwise rolls everything back.
+
+        Pessimistic (the default here): the key is claimed now, so a concurrent delivery
+        of it waits until this transaction ends. Optimistic: the key is only read now
+        and written once, with the result, at commit; a concurrent delivery runs too, and
+        the later of the two fails on the key at commit, rolls back and gets the winner's
+        record from ``tx.commit``.
         """
         conn = self.engine.connect()
         try:
@@ -315,13 +324,20 @@ class SqlStore(Store):
             params = {"ns": namespace, "k": key, "fp": fingerprint, "now": now,
                       "exp": now + ttl}
             if self._fast_pg:
-                existing = self._pg.claim(conn, params)
+                existing = self._pg.begin(conn, params, optimistic)
             else:
                 if self.dialect == "postgresql" and self.lock_timeout is not None:
                     ms = max(1, int(self.lock_timeout * 1000))
                     conn.exec_driver_sql(f"SET LOCAL lock_timeout = {ms}")
-                existing = self._claim_in(conn, params)
-            yield Transaction(self, conn, namespace, key, existing, owner=True)
+                if optimistic:
+                    existing = self._select(conn, namespace, key)
+                else:
+                    existing = self._claim_in(conn, params)
+            expired = existing is not None and existing.expires_at <= now
+            tx = Transaction(self, conn, namespace, key, None if expired else existing,
+                             owner=True, params=params, optimistic=optimistic,
+                             replaces_expired=expired)
+            yield tx
         finally:
             conn.close()  # rolls back whatever was not committed
 
@@ -334,7 +350,8 @@ class SqlStore(Store):
         now = self.clock()
         params = {"ns": namespace, "k": key, "fp": fingerprint, "now": now, "exp": now + ttl}
         existing = self._claim_in(conn, params)
-        return Transaction(self, conn, namespace, key, existing, owner=False, session=session)
+        return Transaction(self, conn, namespace, key, existing, owner=False, session=session,
+                           params=params)
 
     def _claim_in(self, conn: Connection, params: dict[str, Any]) -> Record | None:
         try:
@@ -471,7 +488,7 @@ class SqlStore(Store):
 
 
 class Transaction:
-    """A claimed key inside an open transaction (see `SqlStore.transaction`)."""
+    """One delivery's open transaction (see `SqlStore.transaction`)."""
 
     def __init__(
         self,
@@ -482,7 +499,10 @@ class Transaction:
         existing: Record | None,
         *,
         owner: bool,
+        params: dict[str, Any],
         session: Session | Connection | None = None,
+        optimistic: bool = False,
+        replaces_expired: bool = False,
     ) -> None:
         self.store = store
         self.connection = connection
@@ -490,6 +510,9 @@ class Transaction:
         self.key = key
         self.existing = existing
         self._owner = owner
+        self._params = params
+        self._optimistic = optimistic
+        self._replaces_expired = replaces_expired
         self._session: Session | None = session if isinstance(session, Session) else None
 
     def session(self) -> Session:
@@ -498,9 +521,13 @@ class Transaction:
             self._session = Session(bind=self.connection)
         return self._session
 
-    def commit(self, result: bytes | None) -> None:
+    def commit(self, result: bytes | None) -> Record | None:
         """Store ``result`` with the key and, when the store opened the transaction,
-        commit the key, the result and the handler's writes together."""
+        commit the key, the result and the handler's writes together.
+
+        Returns None when they committed; in optimistic mode, the record of a concurrent
+        delivery that committed the key first (this transaction was rolled back).
+        """
         if self._session is not None:
             self._session.flush()
         conn = self.connection
@@ -509,15 +536,27 @@ class Transaction:
                 f"{self.namespace}: the handler for key {self.key!r} ended the transaction "
                 "itself; nothing was recorded"
             )
-        params = {"ns": self.namespace, "k": self.key, "res": result}
-        if self._owner and self.store._fast_pg:
-            self.store._pg.finish(conn, params)
+        params = {**self._params, "res": result}
+        store = self.store
+        if self._owner and store._fast_pg:
+            return store._pg.finish(conn, params, self._optimistic, self._replaces_expired)
+        if self._optimistic:
+            if self._replaces_expired:
+                conn.execute(store._st.delete_expired, params)
+            try:  # no savepoint: on failure the whole transaction goes anyway
+                conn.execute(store._st.insert_done, params)
+            except sa.exc.IntegrityError:  # a concurrent delivery committed the key first
+                tx = conn.get_transaction()
+                assert tx is not None
+                tx.rollback()
+                return store._select(conn, self.namespace, self.key)
         elif result is not None:
-            conn.execute(self.store._st.store_result, params)
+            conn.execute(store._st.store_result, params)
         if self._owner:
             tx = conn.get_transaction()
             assert tx is not None
-            tx.commit()  # with the PostgreSQL fast path, COMMIT was already sent
+            tx.commit()
+        return None
 
 
 class _PgSql:
@@ -555,34 +594,51 @@ class _PgSql:
         # key waits at most that long, and so does any lock wait of the handler's
         self.set_lock = b"" if ms is None else f"SET LOCAL lock_timeout = {ms}; ".encode()
         self.execute_claim = f"EXECUTE {claim}(".encode()
-        self.execute_read = f"ROLLBACK; EXECUTE {read}(".encode()
+        self.execute_read = f"EXECUTE {read}(".encode()
         # not prepared: a transaction that lost its prepared statement to psycopg's
         # DEALLOCATE ALL would be lost with it; the claim, first in line, can recover
         self.store_result = f"UPDATE {t} SET result = decode('".encode()
+        self.insert_done = (
+            f"INSERT INTO {t} (namespace, key, state, fingerprint, result, created_at, "
+            "completed_at, expires_at) VALUES ("
+        ).encode()
+        self.delete_expired = f"DELETE FROM {t} WHERE namespace = ".encode()
         self.lock_timeout = lock_timeout
 
-    def claim(self, conn: Connection, params: dict[str, Any]) -> Record | None:
-        raw: Any = conn.connection.driver_connection
+    def _literals(self, conn: Connection) -> tuple[Any, bytes]:
+        """libpq's literal quoting for this connection, and whether (b"" or the PREPARE
+        statements) the connection still needs our statements prepared."""
         info = conn.connection.info
         lit = info.get(self.prepared_flag)
-        prepare = b""
-        if lit is None:  # a new connection: prepare in the same round trip as the claim
-            from psycopg import pq
+        if lit is not None:
+            return lit, b""
+        from psycopg import pq
 
-            lit = info[self.prepared_flag] = pq.Escaping(raw.pgconn).escape_literal
-            prepare = self.prepare
+        raw: Any = conn.connection.driver_connection
+        lit = info[self.prepared_flag] = pq.Escaping(raw.pgconn).escape_literal
+        return lit, self.prepare
+
+    def begin(self, conn: Connection, params: dict[str, Any], optimistic: bool) -> Record | None:
+        """BEGIN and claim (pessimistic) or read (optimistic) the key: one round trip.
+        Returns the record of an earlier delivery, or None."""
+        raw: Any = conn.connection.driver_connection
+        lit, prepare = self._literals(conn)
         enc = raw.info.encoding
         ns, key = lit(params["ns"].encode(enc)), lit(params["k"].encode(enc))
         fp = params["fp"]
         begin = b"BEGIN"
         if raw.isolation_level is not None:  # the engine's isolation level, as psycopg would
             begin += b" ISOLATION LEVEL " + raw.isolation_level.name.replace("_", " ").encode()
-        claim = b"".join((
-            self.set_lock, self.execute_claim, ns, b",", key, b",",
-            b"NULL" if fp is None else lit(fp.encode(enc)), b",",
-            repr(float(params["now"])).encode(), b",", repr(float(params["exp"])).encode(), b")",
-        ))
         begin += b"; "
+        if optimistic:
+            claim = b"".join((self.set_lock, self.execute_read, ns, b",", key, b")"))
+        else:
+            claim = b"".join((
+                self.set_lock, self.execute_claim, ns, b",", key, b",",
+                b"NULL" if fp is None else lit(fp.encode(enc)), b",",
+                repr(float(params["now"])).encode(), b",", repr(float(params["exp"])).encode(),
+                b")",
+            ))
         try:
             try:  # PREPARE after BEGIN: an isolation level must come first; rollbacks keep it
                 res = _exec(conn, begin + prepare + claim)
@@ -599,36 +655,67 @@ class _PgSql:
         except Exception as exc:
             _raise_if_lock_timeout(exc, params, self.lock_timeout)
             raise
+        if optimistic:
+            if not res.ntuples:
+                return None
+            record = _record_from_text(res)
+            if record.expires_at > params["now"]:  # a duplicate: end the transaction here,
+                _exec(conn, b"ROLLBACK")  # through libpq (psycopg would DEALLOCATE ALL)
+            return record
         if res.ntuples:
             return None
         # a duplicate: end the transaction and read the committed record in one round
         # trip, through libpq, so psycopg does not see a ROLLBACK (it would DEALLOCATE ALL)
-        res = _exec(conn, b"".join((self.execute_read, ns, b",", key, b")")))
+        return self._read_after_rollback(conn, ns, key)
+
+    def _read_after_rollback(self, conn: Connection, ns: bytes, key: bytes) -> Record:
+        res = _exec(conn, b"".join((b"ROLLBACK; ", self.execute_read, ns, b",", key, b")")))
         if not res.ntuples:
             raise sa.exc.InvalidRequestError(
                 "idempotency record vanished between claim and read (purged?)"
             )
         return _record_from_text(res)
 
-    def finish(self, conn: Connection, params: dict[str, Any]) -> None:
+    def finish(
+        self, conn: Connection, params: dict[str, Any], optimistic: bool, replaces_expired: bool
+    ) -> Record | None:
+        """Store the result and COMMIT, one round trip. Optimistic: insert the record;
+        if a concurrent delivery committed the key first, roll back and return its record."""
         raw: Any = conn.connection.driver_connection
         result = params["res"]
-        if result is None:
+        lit = conn.connection.info[self.prepared_flag]
+        enc = raw.info.encoding
+        ns, key = lit(params["ns"].encode(enc)), lit(params["k"].encode(enc))
+        hexed = b"NULL" if result is None else b"decode('" + result.hex().encode() + b"', 'hex')"
+        if optimistic:
+            fp = params["fp"]
+            now = repr(float(params["now"])).encode()
+            parts = [self.insert_done, ns, b",", key, b",'completed',",
+                     b"NULL" if fp is None else lit(fp.encode(enc)), b",", hexed, b",",
+                     now, b",", now, b",", repr(float(params["exp"])).encode(), b"); COMMIT"]
+            if replaces_expired:
+                parts[:0] = [self.delete_expired, ns, b" AND key = ", key,
+                             b" AND expires_at <= ", now, b"; "]
+            query = b"".join(parts)
+        elif result is None:
             query = b"COMMIT"
         else:
-            lit = conn.connection.info[self.prepared_flag]
-            enc = raw.info.encoding
-            query = b"".join((
-                self.store_result, result.hex().encode(), b"', 'hex') WHERE namespace = ",
-                lit(params["ns"].encode(enc)), b" AND key = ", lit(params["k"].encode(enc)),
-                b"; COMMIT",
-            ))
-        res = _exec(conn, query)
+            query = b"".join((self.store_result, result.hex().encode(),
+                              b"', 'hex') WHERE namespace = ", ns, b" AND key = ", key,
+                              b"; COMMIT"))
+        try:
+            res = _exec(conn, query)
+        except Exception as exc:
+            if optimistic and getattr(exc, "sqlstate", None) == "23505":  # unique_violation
+                return self._read_after_rollback(conn, ns, key)
+            _raise_if_lock_timeout(exc, params, self.lock_timeout)
+            raise
         if res.command_status != b"COMMIT":  # COMMIT of a failed transaction says ROLLBACK
             raise sa.exc.InvalidRequestError(
                 f"{params['ns']}: the transaction for key {params['k']!r} was rolled back "
                 f"at commit ({res.command_status.decode()}); nothing was recorded"
             )
+        return None
 
 
 def _raise_if_lock_timeout(
