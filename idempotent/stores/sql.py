@@ -181,6 +181,7 @@ class SqlStore(Store):
         )
         if self._fast_pg:
             self._pg = _PgSql(self.table, self.engine.dialect, lock_timeout)
+        self._many = self._many_statement()
 
     @staticmethod
     def _make_engine(
@@ -445,18 +446,15 @@ class SqlStore(Store):
             return set()
         conn = session.connection() if isinstance(session, Session) else session
         now = self.clock()
-        if self.dialect == "postgresql":
-            stmt = self._many_pg()
-            rows = conn.execute(stmt, {"ns": namespace, "keys": list(stored), "now": now,
-                                       "exp": now + ttl})
-            return {stored[r[0]] for r in rows}
-        if self.dialect == "sqlite":
-            import json
+        if self._many is not None:
+            batch: Any = list(stored)
+            if self.dialect == "sqlite":
+                import json
 
-            rows = conn.execute(self._many_sqlite(), {"ns": namespace,
-                                                      "keys": json.dumps(list(stored)),
-                                                      "now": now, "exp": now + ttl})
-            return {stored[r[0]] for r in rows}
+                batch = json.dumps(batch)
+            fresh = conn.execute(self._many, {"ns": namespace, "keys": batch, "now": now,
+                                              "exp": now + ttl}).scalars().all()
+            return {stored[k] for k in fresh}
         new = set()
         for k, original in stored.items():
             params = {"ns": namespace, "k": k, "fp": None, "now": now, "exp": now + ttl}
@@ -464,26 +462,23 @@ class SqlStore(Store):
                 new.add(original)
         return new
 
-    def _many_pg(self) -> sa.TextClause:
-        t = self.table.fullname
+    def _many_statement(self) -> sa.TextClause | None:
+        """One statement that records a batch of keys and returns the new ones."""
+        t, name = self.table.fullname, self.table.name
+        if self.dialect == "postgresql":
+            source, excluded = "SELECT :ns, k, 'completed', :now, :now, :exp " \
+                "FROM unnest(CAST(:keys AS text[])) AS k", "EXCLUDED"
+        elif self.dialect == "sqlite":  # WHERE true: SQLite's parser needs it before ON
+            source, excluded = "SELECT :ns, value, 'completed', :now, :now, :exp " \
+                "FROM json_each(:keys) WHERE true", "excluded"
+        else:
+            return None
         return sa.text(
             f"INSERT INTO {t} (namespace, key, state, created_at, completed_at, expires_at) "
-            "SELECT :ns, k, 'completed', :now, :now, :exp FROM unnest(CAST(:keys AS text[])) AS k "
-            "ON CONFLICT (namespace, key) DO UPDATE SET state = 'completed', fingerprint = NULL, "
-            "result = NULL, token = NULL, lease_until = NULL, created_at = EXCLUDED.created_at, "
-            f"completed_at = EXCLUDED.completed_at, expires_at = EXCLUDED.expires_at "
-            f"WHERE {self.table.name}.expires_at <= :now RETURNING key"
-        )
-
-    def _many_sqlite(self) -> sa.TextClause:
-        t = self.table.fullname
-        return sa.text(
-            f"INSERT INTO {t} (namespace, key, state, created_at, completed_at, expires_at) "
-            "SELECT :ns, value, 'completed', :now, :now, :exp FROM json_each(:keys) WHERE true "
-            "ON CONFLICT (namespace, key) DO UPDATE SET state = 'completed', fingerprint = NULL, "
-            "result = NULL, token = NULL, lease_until = NULL, created_at = excluded.created_at, "
-            f"completed_at = excluded.completed_at, expires_at = excluded.expires_at "
-            f"WHERE {t}.expires_at <= :now RETURNING key"
+            f"{source} ON CONFLICT (namespace, key) DO UPDATE SET state = 'completed', "
+            "fingerprint = NULL, result = NULL, token = NULL, lease_until = NULL, "
+            f"created_at = {excluded}.created_at, completed_at = {excluded}.completed_at, "
+            f"expires_at = {excluded}.expires_at WHERE {name}.expires_at <= :now RETURNING key"
         )
 
 
