@@ -47,18 +47,24 @@ def _default(obj: Any) -> Any:
     )
 
 
+# Built once: ``json.dumps`` with options builds an encoder per call. ``encode`` keeps
+# no state between calls, so one encoder serves every thread (and the recursion of
+# `_default` for sets).
+_encoder = json.JSONEncoder(
+    default=_default,
+    sort_keys=True,
+    separators=(",", ":"),
+    ensure_ascii=False,
+    allow_nan=False,
+)
+_encode = _encoder.encode
+
+
 def canonical_json(obj: Any) -> str:
     """The canonical JSON text of ``obj``: sorted keys, no spaces, UTF-8 kept as is."""
-    return json.dumps(
-        obj,
-        default=_default,
-        sort_keys=True,
-        separators=(",", ":"),
-        ensure_ascii=False,
-        allow_nan=False,
-    )
+    return _encode(obj)
 
 
 def fingerprint(payload: Any) -> str:
     """SHA-256 (hex) of the canonical encoding of ``payload``."""
-    return hashlib.sha256(canonical_json(payload).encode("utf-8")).hexdigest()
+    return hashlib.sha256(_encode(payload).encode()).hexdigest()

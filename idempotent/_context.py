@@ -6,9 +6,10 @@ import contextvars
 from dataclasses import dataclass
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Current:
-    """What the running handler may want to know about its own delivery."""
+    """What the running handler may want to know about its own delivery (read-only by
+    convention; not frozen, as it is built on every call)."""
 
     namespace: str
     key: str

@@ -1,17 +1,23 @@
 """Lease renewal for long handlers.
 
-Plain handlers share one daemon thread that renews every live lease when it is a third
-spent (starting a thread per call would cost more than the rest of the decorator);
-``async def`` handlers use a timer on their own event loop. A renewal that finds the
-lease lost stops renewing: the handler's ``complete`` will raise `LeaseLost`.
+One daemon thread keeps the time of every live lease and renews each about when a third
+of it is spent (starting a thread per call would cost more than the rest of the
+decorator); the leases of ``async def`` handlers are renewed on their own event loop,
+which the thread hands the renewal to. A renewal that finds the lease lost stops
+renewing: the handler's ``complete`` will raise `LeaseLost`.
+
+Most handlers end long before their first renewal, so registering and unregistering a
+lease must be nearly free: a set insert and a set removal under a plain lock, with no
+wake-up of the thread. The thread wakes on its own period instead (the shortest interval
+among the live leases; it only has to be woken when a lease arrives that needs a shorter
+one) and renews the leases that are due; the renewals run outside the lock.
 """
 
 from __future__ import annotations
 
 import asyncio
-import heapq
-import itertools
 import logging
+import os
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -20,23 +26,35 @@ from .exceptions import LeaseLost
 
 log = logging.getLogger("idempotent")
 
+#: The longest the idle thread sleeps between looks (its period doubles up to this while
+#: no lease is live, so a process that once had a tiny lease does not keep waking fast).
+_IDLE_PERIOD = 60.0
+
 
 class Beat:
-    """One lease being kept alive; ``stop()`` ends it."""
+    """One lease being kept alive; ``stop()`` ends it. ``lost`` is set when a renewal
+    found the lease taken over (the beat stops by itself then)."""
 
-    __slots__ = ("interval", "lost", "renew", "stopped", "timer")
+    __slots__ = ("due", "interval", "lost", "renew", "renewer", "stopped")
 
-    def __init__(self, renew: Callable[[], object], interval: float) -> None:
+    def __init__(
+        self, renew: Callable[[], object], interval: float, renewer: _Renewer | None = None
+    ) -> None:
         self.renew = renew
         self.interval = interval
         self.stopped = False
         self.lost = False
-        self.timer: asyncio.TimerHandle | None = None
+        self.renewer = renewer
+        self.due = time.monotonic() + interval  # when the shared thread renews it next
 
     def stop(self) -> None:
+        """Renew no more. Never waits for the thread: a renewal already under way may
+        still finish, but none starts after this returns."""
         self.stopped = True
-        if self.timer is not None:
-            self.timer.cancel()
+        renewer = self.renewer
+        if renewer is not None:
+            with renewer.lock:
+                renewer.beats.discard(self)
 
     def beat(self) -> bool:
         """Renew once; False when renewing should stop."""
@@ -53,72 +71,136 @@ class Beat:
 
 
 class _Renewer:
-    """The shared thread: a heap of (due time, beat), woken when an earlier one arrives."""
+    """The shared thread and the set of live beats it renews."""
 
     def __init__(self) -> None:
-        self._heap: list[tuple[float, int, Beat]] = []
-        self._cond = threading.Condition()
-        self._seq = itertools.count()
+        self._reset()
+
+    def _reset(self) -> None:
+        self.lock = threading.Lock()
+        self.beats: set[Beat] = set()
+        self.period = float("inf")  # the thread's current sleep; only add() shortens it
+        self.wakeups = 0  # how many times the thread woke (for tests)
+        self._wake = threading.Event()
         self._thread: threading.Thread | None = None
 
     def add(self, beat: Beat) -> None:
-        due = time.monotonic() + beat.interval
-        with self._cond:
-            heapq.heappush(self._heap, (due, next(self._seq), beat))
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._run, name="idempotent-heartbeat", daemon=True
-                )
-                self._thread.start()
-            elif self._heap[0][2] is beat:
-                self._cond.notify()
+        with self.lock:
+            self.beats.add(beat)
+            if beat.interval < self.period:  # rare: the thread must wake sooner
+                self._shorten(beat.interval)
+
+    def _shorten(self, period: float) -> None:
+        """Make the thread's period ``period`` now (under the lock); start it if need be."""
+        self.period = period
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._run, name="idempotent-heartbeat", daemon=True
+            )
+            self._thread.start()
+        else:
+            self._wake.set()
 
     def _run(self) -> None:
+        wake = self._wake
         while True:
-            with self._cond:
-                while not self._heap or self._heap[0][0] > time.monotonic():
-                    if self._heap and self._heap[0][2].stopped:
-                        heapq.heappop(self._heap)  # stopped beats leave without waiting
-                        continue
-                    timeout = self._heap[0][0] - time.monotonic() if self._heap else None
-                    self._cond.wait(timeout)
-                _, _, beat = heapq.heappop(self._heap)
-            if beat.beat():
-                self.add(beat)
+            wake.wait(min(max(self.period, 0.001), threading.TIMEOUT_MAX))
+            wake.clear()  # before the look below: a later add() wakes us again
+            now = time.monotonic()
+            with self.lock:
+                self.wakeups += 1
+                if not self.beats:
+                    self.period = max(self.period, min(self.period * 2, _IDLE_PERIOD))
+                    continue
+                period = self.period = min(b.interval for b in self.beats)
+                # Renew at the wake-up nearest to each due time, so a beat is never
+                # more than half a period late.
+                limit = now + period / 2
+                due = [b for b in self.beats if b.due <= limit]
+            for b in due:
+                if b.beat():
+                    b.due = now + b.interval
+                else:
+                    with self.lock:
+                        self.beats.discard(b)
+
+    def _after_fork(self) -> None:
+        """In a forked child the thread is gone and the live beats are the parent's."""
+        self._reset()
 
 
 _renewer = _Renewer()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_renewer._after_fork)
 
 
 def start(renew: Callable[[], object], interval: float) -> Beat:
     """Call ``renew`` every ``interval`` seconds from the shared thread until stopped."""
-    beat = Beat(renew, interval)
+    beat = Beat(renew, interval, _renewer)
     _renewer.add(beat)
     return beat
 
 
-def start_async(renew: Callable[[], Awaitable[object]], interval: float) -> Beat:
-    """Await ``renew()`` every ``interval`` seconds on the running loop until stopped."""
-    loop = asyncio.get_running_loop()
-    tasks: set[asyncio.Task[None]] = set()
+class _AsyncBeat(Beat):
+    """A lease of an ``async def`` handler. The shared thread keeps its time like any
+    other beat's; when it is due, the renewal is handed to the handler's event loop (a
+    timer per call on the loop would cost more than the thread's set insert)."""
 
-    async def once() -> None:
-        try:
-            await renew()
-        except LeaseLost:
-            beat.lost = True
+    __slots__ = ("loop", "renew_async", "running")
+
+    def __init__(
+        self,
+        renew: Callable[[], Awaitable[object]],
+        interval: float,
+        loop: asyncio.AbstractEventLoop,
+        renewer: _Renewer,
+    ) -> None:
+        super().__init__(_nothing, interval, renewer)
+        self.renew_async = renew
+        self.loop = loop
+        self.running = False  # a renewal is scheduled or under way on the loop
+
+    def beat(self) -> bool:
+        """On the shared thread: schedule one renewal on the loop, unless one is pending."""
+        if self.stopped:
+            return False
+        if not self.running:
+            self.running = True
+            try:
+                self.loop.call_soon_threadsafe(self._fire)
+            except RuntimeError:  # the loop is closed: nobody is left to renew for
+                return False
+        return True
+
+    def _fire(self) -> None:
+        if self.stopped:
+            self.running = False
             return
+        task = self.loop.create_task(self._once())
+        _tasks.add(task)  # keep a reference until it ends
+        task.add_done_callback(_tasks.discard)
+
+    async def _once(self) -> None:
+        try:
+            await self.renew_async()
+        except LeaseLost:
+            self.lost = True
+            self.stop()
         except Exception:
             log.warning("idempotent: lease renewal failed; will retry", exc_info=True)
-        if not beat.stopped:
-            beat.timer = loop.call_later(interval, fire)
+        finally:
+            self.running = False
 
-    def fire() -> None:
-        if not beat.stopped:
-            task = loop.create_task(once())
-            tasks.add(task)  # keep a reference until it ends
-            task.add_done_callback(tasks.discard)
 
-    beat = Beat(lambda: None, interval)
-    beat.timer = loop.call_later(interval, fire)
+_tasks: set[asyncio.Task[None]] = set()
+
+
+def _nothing() -> None:
+    return None
+
+
+def start_async(renew: Callable[[], Awaitable[object]], interval: float) -> Beat:
+    """Await ``renew()`` every ``interval`` seconds on the running loop until stopped."""
+    beat = _AsyncBeat(renew, interval, asyncio.get_running_loop(), _renewer)
+    _renewer.add(beat)
     return beat

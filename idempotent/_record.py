@@ -14,7 +14,7 @@ class State(str, enum.Enum):
     FAILED = "failed"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Record:
     """What a store remembers of one key. Times are epoch seconds."""
 
@@ -30,7 +30,9 @@ class Record:
     expires_at: float
 
 
-@dataclass(frozen=True)
+# The outcomes are built once per claim: plain slotted classes, immutable by convention
+# (a frozen dataclass is twice as slow to construct).
+@dataclass(slots=True)
 class Claimed:
     """The caller owns the key until ``lease_until``; ``token`` fences its later writes."""
 
@@ -39,14 +41,14 @@ class Claimed:
     taken_over: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Completed:
     """The key was processed before (or kept as failed): ``record`` says how."""
 
     record: Record
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class InProgress:
     """Another worker holds a live lease on the key until ``record.lease_until``."""
 

@@ -21,13 +21,16 @@ class Serializer(Protocol):
     def loads(self, data: bytes) -> Any: ...
 
 
+# Built once (``json.dumps`` with options builds an encoder per call); thread-safe.
+_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+
+
 class JSONSerializer:
     """Results as compact UTF-8 JSON; a duplicate gets the JSON round trip of the result
     (tuples come back as lists). NaN and infinities are refused, as JSON has none."""
 
     def dumps(self, value: Any) -> bytes:
-        text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-        return text.encode()
+        return _encode(value).encode()
 
     def loads(self, data: bytes) -> Any:
         return json.loads(data)

@@ -4,10 +4,11 @@ and is shared by nothing but the threads of one process."""
 from __future__ import annotations
 
 import threading
-from dataclasses import replace
 
-from .._record import Outcome, Record, State
+from .._record import Claimed, Outcome, Record, State
 from .base import Store, claimable, outcome_of
+
+_IN_PROGRESS = State.IN_PROGRESS
 
 
 class MemoryStore(Store):
@@ -32,13 +33,12 @@ class MemoryStore(Store):
     ) -> Outcome | None:
         with self._lock:
             record = self._records.get((namespace, key))
-            if claimable(record, now):
-                record = Record(
-                    namespace, key, State.IN_PROGRESS, fingerprint, None, token,
+            if record is None or claimable(record, now):
+                self._records[namespace, key] = Record(
+                    namespace, key, _IN_PROGRESS, fingerprint, None, token,
                     lease_until, now, None, expires_at,
                 )
-                self._records[namespace, key] = record
-            assert record is not None
+                return Claimed(token, lease_until)
             return outcome_of(record, token, now)
 
     def _complete(
@@ -55,16 +55,16 @@ class MemoryStore(Store):
             record = self._records.get((namespace, key))
             if record is None or record.token != token:
                 return False
-            self._records[namespace, key] = replace(
-                record, state=state, result=result, lease_until=None,
-                completed_at=record.completed_at or now, expires_at=expires_at,
+            self._records[namespace, key] = Record(
+                namespace, key, state, record.fingerprint, result, token, None,
+                record.created_at, record.completed_at or now, expires_at,
             )
             return True
 
     def _release(self, namespace: str, key: str, token: str) -> bool:
         with self._lock:
             record = self._records.get((namespace, key))
-            if record is None or record.token != token or record.state is not State.IN_PROGRESS:
+            if record is None or record.token != token or record.state is not _IN_PROGRESS:
                 return False
             del self._records[namespace, key]
             return True
@@ -72,9 +72,12 @@ class MemoryStore(Store):
     def _renew(self, namespace: str, key: str, token: str, lease_until: float) -> bool:
         with self._lock:
             record = self._records.get((namespace, key))
-            if record is None or record.token != token or record.state is not State.IN_PROGRESS:
+            if record is None or record.token != token or record.state is not _IN_PROGRESS:
                 return False
-            self._records[namespace, key] = replace(record, lease_until=lease_until)
+            self._records[namespace, key] = Record(
+                namespace, key, _IN_PROGRESS, record.fingerprint, record.result, token,
+                lease_until, record.created_at, record.completed_at, record.expires_at,
+            )
             return True
 
     def _get(self, namespace: str, key: str) -> Record | None:
