@@ -16,7 +16,8 @@ class Current:
     token: str | None  # lease token in lease mode; None in transactional mode
 
 
-_current: contextvars.ContextVar[Current | None] = contextvars.ContextVar(
+#: Set by the decorator around the handler call (``CURRENT.set`` / ``CURRENT.reset``).
+CURRENT: contextvars.ContextVar[Current | None] = contextvars.ContextVar(
     "idempotent_current", default=None
 )
 
@@ -28,7 +29,7 @@ def current_key() -> str:
     ``Idempotency-Key``): that is what keeps external effects single in lease mode.
     Raises ``LookupError`` outside an idempotent handler.
     """
-    cur = _current.get()
+    cur = CURRENT.get()
     if cur is None:
         raise LookupError("current_key() is only available inside an @idempotent handler")
     return cur.key
@@ -36,12 +37,4 @@ def current_key() -> str:
 
 def current() -> Current | None:
     """The namespace, key and lease token of the running handler, or ``None``."""
-    return _current.get()
-
-
-def enter(value: Current) -> contextvars.Token[Current | None]:
-    return _current.set(value)
-
-
-def leave(token: contextvars.Token[Current | None]) -> None:
-    _current.reset(token)
+    return CURRENT.get()

@@ -143,7 +143,8 @@ class _Handler:
         self.heartbeat = heartbeat
         self.optimistic = optimistic
         policy = retry
-        if policy is not None and not getattr(store, "may_fail_transiently", True):
+        self.direct = not getattr(store, "may_fail_transiently", True)
+        if self.direct:
             policy = None  # an in-process store has no transient faults to retry
         self.policy = None if policy is None else (
             as_async(policy) if self.is_async else as_sync(policy))
@@ -261,6 +262,8 @@ class _Handler:
     def _store_op(self, op: Callable[[str], Any], key: str) -> Any:
         """A store operation in lease mode, under the retry policy (for async handlers the
         backoff sleeps on the event loop, not in the greenlet)."""
+        if self.direct:  # an in-process store: no faults to retry or to translate
+            return op(key)
         if not self.is_async or self.retrying is None:
             return self._with_retry(op, key)
         from sqlalchemy.util import await_only, greenlet_spawn
@@ -362,11 +365,11 @@ class _Handler:
     # -- shared ------------------------------------------------------------------------------
     def _run(self, call: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
              key: str, token: str | None) -> Any:
-        ctx = _context.enter(_context.Current(self.namespace, key, token))
+        ctx = _context.CURRENT.set(_context.Current(self.namespace, key, token))
         try:
             return call(*args, **kwargs)
         finally:
-            _context.leave(ctx)
+            _context.CURRENT.reset(ctx)
 
     def _encode(self, value: Any, key: str) -> bytes | None:
         if value is None:
