@@ -5,11 +5,14 @@ ledger table; the baseline is the same INSERT in a bare ``engine.begin()`` trans
 on the same engine, same table, same payload. Variants, interleaved in rounds:
 
 * ``bare Core``: ``with engine.begin() as c: c.execute(ledger.insert(), row)`` (baseline)
-* ``store.transaction new``: the store's primitive without the decorator
+* ``store.transaction new``: the store's primitive (pessimistic) without the decorator
   (``with store.transaction(ns, key, fp) as tx: tx.connection.execute(…); tx.commit(res)``):
   the same SQL as the decorated handler, without the decorator's own Python
 * ``idem conn new``: ``@idempotent(store, key="id")`` handler taking ``connection``,
-  fresh keys (claim + INSERT + result + COMMIT)
+  fresh keys, optimistic (the default: read the key with BEGIN, INSERT, write the record
+  with its result and COMMIT)
+* ``idem conn new, pessimistic``: the same with ``optimistic=False`` (claim the key with
+  BEGIN, INSERT, UPDATE the result and COMMIT)
 * ``idem conn dup``: the same handler replaying keys it has already processed (the
   stored result is returned, the transaction rolled back, the handler not run)
 * ``idem conn 10% dup``: the same handler on a stream in which every 10th message is a
@@ -45,7 +48,8 @@ from sqlalchemy.orm import Session
 from idempotent import SqlStore, idempotent
 
 TARGET_PG_NEW = 0.80
-VARIANT_NAMES = ("bare Core", "store.transaction new", "idem conn new", "idem conn dup",
+VARIANT_NAMES = ("bare Core", "store.transaction new", "idem conn new",
+                 "idem conn new, pessimistic", "idem conn dup",
                  "idem conn 10% dup", "idem session new", "bare Session")
 DUP_EVERY = 10  # "idem conn 10% dup": every 10th message replays a key already processed
 
@@ -90,8 +94,15 @@ class Bench:
                                   "cents": msg["cents"]})
             return {"status": "applied", "id": msg["id"]}
 
+        @idempotent(store, key="id", namespace=f"bench.{tag}.pessimistic", optimistic=False)
+        def apply_pessimistic(msg: dict[str, Any], *, connection: Any) -> dict[str, Any]:
+            connection.execute(ins, {"msg_id": msg["id"], "account": msg["account"],
+                                     "cents": msg["cents"]})
+            return {"status": "applied", "id": msg["id"]}
+
         self.apply_conn = apply_conn
         self.apply_session = apply_session
+        self.apply_pessimistic = apply_pessimistic
 
     def messages(self, n: int) -> list[dict[str, Any]]:
         return [{"id": f"{self.prefix}-{next(self.counter)}", "account": "acct-0042",
@@ -195,6 +206,16 @@ class Bench:
         self.expected_rows += len(fresh)
         return t
 
+    def idem_pessimistic_new(self, n: int) -> tuple[float, float]:
+        msgs, fn = self.messages(n), self.apply_pessimistic
+
+        def loop() -> None:
+            for m in msgs:
+                fn(m)
+
+        self.expected_rows += n
+        return C.timed(loop)
+
     def idem_session_new(self, n: int) -> tuple[float, float]:
         msgs, fn = self.messages(n), self.apply_session
 
@@ -210,6 +231,7 @@ class Bench:
             "bare Core": self.bare_core,
             "store.transaction new": self.store_tx_new,
             "idem conn new": self.idem_conn_new,
+            "idem conn new, pessimistic": self.idem_pessimistic_new,
             "idem conn dup": self.idem_conn_dup,
             "idem conn 10% dup": self.idem_conn_mixed,
             "idem session new": self.idem_session_new,

@@ -28,6 +28,9 @@ _TRANSIENT_SQLSTATES = frozenset(
         "57P03",  # cannot_connect_now (starting up)
         "53300",  # too_many_connections
         "25P03",  # idle_in_transaction_session_timeout
+        # invalid_sql_statement_name: the driver dropped the PostgreSQL fast path's prepared
+        # statements during the handler; the next attempt does without them
+        "26000",
     }
 )
 _SQLITE_BUSY, _SQLITE_LOCKED = 5, 6

@@ -248,3 +248,37 @@ def test_fast_path_survives_psycopg_deallocate_all(pg_url: str) -> None:
     assert pay({"payment_id": "after", "cents": 2}) == {"applied": "after", "cents": 2}
     assert ledger_totals(store) == (2, 3)
     engine.dispose()
+
+
+def test_handler_that_makes_psycopg_deallocate_still_commits_once(pg_url: str) -> None:
+    """A handler whose savepoint rollback makes psycopg DEALLOCATE ALL (it does once it has
+    prepared statements of its own) drops the fast path's prepared insert mid-transaction:
+    that attempt is retried, and from then on the store inserts without it. Each payment
+    is applied once."""
+    engine = sa.create_engine(pg_url, pool_size=1, max_overflow=0)
+    store = SqlStore(engine)
+    store.create_schema()
+    md.create_all(engine)
+    runs: list[str] = []
+
+    @idempotent(store, key="payment_id", namespace="sp")
+    def pay(msg: dict[str, Any], *, connection: sa.Connection) -> str:
+        runs.append(msg["payment_id"])
+        for _ in range(6):  # past psycopg's prepare_threshold
+            connection.exec_driver_sql("SELECT 1").scalar()
+        try:
+            with connection.begin_nested():  # ROLLBACK TO SAVEPOINT → DEALLOCATE ALL
+                connection.exec_driver_sql("SELECT 1/0")
+        except sa.exc.DataError:
+            pass
+        connection.execute(ledger.insert().values(payment_id=msg["payment_id"], cents=1))
+        return "ok"
+
+    assert store._pg.done_prepared
+    assert pay({"payment_id": "a"}) == "ok"
+    assert not store._pg.done_prepared  # it happened, and the store gave up preparing
+    assert runs == ["a", "a"]  # the lost attempt, then the one that committed
+    assert pay({"payment_id": "b"}) == "ok" and pay({"payment_id": "b"}) == "ok"
+    assert runs == ["a", "a", "b"]
+    assert ledger_totals(store) == (2, 2)
+    engine.dispose()

@@ -571,7 +571,7 @@ class _PgSql:
         t = dialect.identifier_preparer.format_table(table)
         digest = hashlib.sha1(f"{t}:v1".encode()).hexdigest()[:12]
         self.prepared_flag = f"idempotent_prepared_{digest}"
-        claim, read = f"idem_claim_{digest}", f"idem_read_{digest}"
+        claim, read, done = (f"idem_{what}_{digest}" for what in ("claim", "read", "done"))
         self.prepare = (
             f"PREPARE {claim} (text, text, text, float8, float8) AS "
             f"INSERT INTO {t} AS r (namespace, key, state, fingerprint, created_at, "
@@ -583,7 +583,16 @@ class _PgSql:
             "WHERE r.expires_at <= $4 RETURNING 1; "
             f"PREPARE {read} (text, text) AS SELECT {', '.join(_COLUMNS)} FROM {t} "
             "WHERE namespace = $1 AND key = $2; "
+            f"PREPARE {done} (text, text, text, bytea, float8, float8) AS "
+            f"INSERT INTO {t} (namespace, key, state, fingerprint, result, created_at, "
+            "completed_at, expires_at) VALUES ($1, $2, 'completed', $3, $4, $5, $5, $6); "
         ).encode()
+        self.execute_done = f"EXECUTE {done}(".encode()
+        # The optimistic insert runs after the handler: if psycopg dropped our prepared
+        # statements meanwhile (DEALLOCATE ALL, on a rollback of its own or after DDL), the
+        # transaction is lost and the attempt is retried; from then on this store inserts
+        # with a plain statement, so a handler that triggers that cannot fail again.
+        self.done_prepared = True
         ms = None if lock_timeout is None else max(1, int(lock_timeout * 1000))
         # lock_timeout holds for the whole transaction: a concurrent delivery of the same
         # key waits at most that long, and so does any lock wait of the handler's
@@ -683,11 +692,14 @@ class _PgSql:
         ns, key = lit(params["ns"].encode(enc)), lit(params["k"].encode(enc))
         hexed = b"NULL" if result is None else b"decode('" + result.hex().encode() + b"', 'hex')"
         if optimistic:
-            fp = params["fp"]
-            now = repr(float(params["now"])).encode()
-            parts = [self.insert_done, ns, b",", key, b",'completed',",
-                     b"NULL" if fp is None else lit(fp.encode(enc)), b",", hexed, b",",
-                     now, b",", now, b",", repr(float(params["exp"])).encode(), b"); COMMIT"]
+            fp = b"NULL" if params["fp"] is None else lit(params["fp"].encode(enc))
+            now, exp = repr(float(params["now"])).encode(), repr(float(params["exp"])).encode()
+            if self.done_prepared:
+                parts = [self.execute_done, ns, b",", key, b",", fp, b",", hexed, b",", now,
+                         b",", exp, b"); COMMIT"]
+            else:
+                parts = [self.insert_done, ns, b",", key, b",'completed',", fp, b",", hexed,
+                         b",", now, b",", now, b",", exp, b"); COMMIT"]
             if replaces_expired:
                 parts[:0] = [self.delete_expired, ns, b" AND key = ", key,
                              b" AND expires_at <= ", now, b"; "]
@@ -701,8 +713,12 @@ class _PgSql:
         try:
             res = _exec(conn, query)
         except Exception as exc:
-            if optimistic and getattr(exc, "sqlstate", None) == "23505":  # unique_violation
+            state = getattr(exc, "sqlstate", None)
+            if optimistic and state == "23505":  # unique_violation: a concurrent delivery won
                 return self._read_after_rollback(conn, ns, key)
+            if state == "26000":  # see done_prepared; the retry policy runs the attempt again
+                self.done_prepared = False
+                conn.connection.info.pop(self.prepared_flag, None)
             _raise_if_lock_timeout(exc, params, self.lock_timeout)
             raise
         if res.command_status != b"COMMIT":  # COMMIT of a failed transaction says ROLLBACK
