@@ -13,6 +13,12 @@ NAMING_CONVENTION = {
 }
 
 DEFAULT_TABLE = "idempotency_records"
+#: The columns of a record, in the order of `Record`'s fields.
+COLUMNS = (
+    "namespace", "key", "state", "fingerprint", "result", "token",
+    "lease_until", "created_at", "completed_at", "expires_at",
+)
+
 #: Room for a key or namespace of up to 128 characters, or ``sha256:<64 hex>``.
 KEY_COLUMN_LENGTH = 200
 
