@@ -3,7 +3,7 @@ processes, a worker SIGKILLed inside its transaction, a backend terminated mid-t
 a database that is down, bad input, the caller's own transaction, the record/record_many
 primitives, TTL. The bodies shared with SQLite live in ``_payments.py``.
 
-The stores here take the psycopg fast path (`_PgSql`) for the decorator's own
+The stores here take the psycopg fast path (`PgFastPath`) for the decorator's own
 transactions; ``connection=``/``session=`` passed by the caller and the primitives take
 the portable SQLAlchemy path."""
 
@@ -29,7 +29,7 @@ from idempotent.retry import transient_retry
 if "_payments" not in sys.modules:  # rewrite the asserts of the shared test bodies
     pytest.register_assert_rewrite("_payments")
 import _payments
-from _payments import MISSING_KEYS, NS, Db, first_result, make_handler, wait_for
+from _payments import NS, Db, first_result, make_handler, wait_for
 
 pytestmark = pytest.mark.postgres
 
@@ -207,33 +207,3 @@ def test_database_down_raises_store_unavailable_with_the_cause(db: Db) -> None:
     assert len(connects) == 3  # the policy's three attempts
     assert handler.calls == []  # the handler never ran
     assert db.ledger() == [] and db.records() == []
-
-
-@pytest.mark.parametrize("msg", MISSING_KEYS)
-def test_missing_key_runs_nothing(db: Db, msg: dict[str, Any]) -> None:
-    _payments.check_missing_key(db, msg)
-
-
-def test_same_key_other_payload_is_a_conflict(db: Db) -> None:
-    _payments.check_key_conflict(db)
-
-
-def test_unserialisable_result_rolls_back_everything(db: Db) -> None:
-    _payments.check_result_not_serializable(db)
-
-
-@pytest.mark.parametrize("kind", ["connection", "session"])
-def test_caller_controlled_transaction(db: Db, kind: str) -> None:
-    _payments.check_caller_controlled_transaction(db, kind)
-
-
-def test_record_and_record_many_in_the_callers_transaction(db: Db) -> None:
-    _payments.check_record_primitives(db)
-
-
-def test_long_keys_are_hashed_not_truncated(db: Db) -> None:
-    _payments.check_long_keys(db)
-
-
-def test_expired_record_is_processed_again(db: Db) -> None:
-    _payments.check_ttl(db)

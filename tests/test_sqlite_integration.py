@@ -7,7 +7,6 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -16,7 +15,7 @@ from idempotent import AlreadyInProgress, StoreUnavailable
 if "_payments" not in sys.modules:  # rewrite the asserts of the shared test bodies
     pytest.register_assert_rewrite("_payments")
 import _payments
-from _payments import MISSING_KEYS, Db
+from _payments import Db
 
 
 @pytest.fixture
@@ -50,33 +49,3 @@ def test_worker_killed_inside_transaction_leaves_nothing(db: Db) -> None:
 def test_delivery_of_a_held_key_gives_up_as_a_busy_store(db: Db) -> None:
     # six attempts of a 0.5 s busy timeout, with backoff
     _payments.check_held_key_gives_up(db, StoreUnavailable, max_wait=15)
-
-
-@pytest.mark.parametrize("msg", MISSING_KEYS)
-def test_missing_key_runs_nothing(db: Db, msg: dict[str, Any]) -> None:
-    _payments.check_missing_key(db, msg)
-
-
-def test_same_key_other_payload_is_a_conflict(db: Db) -> None:
-    _payments.check_key_conflict(db)
-
-
-def test_unserialisable_result_rolls_back_everything(db: Db) -> None:
-    _payments.check_result_not_serializable(db)
-
-
-@pytest.mark.parametrize("kind", ["connection", "session"])
-def test_caller_controlled_transaction(db: Db, kind: str) -> None:
-    _payments.check_caller_controlled_transaction(db, kind)
-
-
-def test_record_and_record_many_in_the_callers_transaction(db: Db) -> None:
-    _payments.check_record_primitives(db)
-
-
-def test_long_keys_are_hashed_not_truncated(db: Db) -> None:
-    _payments.check_long_keys(db)
-
-
-def test_expired_record_is_processed_again(db: Db) -> None:
-    _payments.check_ttl(db)
