@@ -181,33 +181,19 @@ DEFAULT_PG_SETTINGS: dict[str, str] = {
 }
 
 
-class PostgresServer:
-    """A private PostgreSQL server on 127.0.0.1:<free port> with a database ``idem``.
+class _Server:
+    """What every private server shares: a temp dir, a free port, a process we own by PID,
+    start with a retry when the port was taken meanwhile, stop by PID."""
 
-    ``settings`` are extra/overriding ``-c name=value`` server settings.
-    Use ``start()``/``stop()`` or ``with PostgresServer() as pg: ...``.
-    """
-
-    user = "postgres"
     host = HOST
+    #: the signal that shuts the server down cleanly
+    stop_signal = signal.SIGTERM
 
-    def __init__(
-        self,
-        settings: Mapping[str, str | int] | None = None,
-        *,
-        dbname: str = "idem",
-        bin_dir: str | os.PathLike[str] | None = None,
-        start_timeout: float = START_TIMEOUT,
-    ) -> None:
-        self.settings = {**DEFAULT_PG_SETTINGS, **{k: str(v) for k, v in (settings or {}).items()}}
-        self.dbname = dbname
-        self.bin_dir = Path(bin_dir) if bin_dir is not None else None
+    def __init__(self, start_timeout: float) -> None:
         self.start_timeout = start_timeout
         self._proc: subprocess.Popen[bytes] | None = None
         self._dir: Path | None = None
         self._port: int | None = None
-
-    # ---- public properties
 
     @property
     def port(self) -> int:
@@ -217,7 +203,7 @@ class PostgresServer:
 
     @property
     def pid(self) -> int:
-        """PID of the postmaster."""
+        """PID of the server process."""
         if self._proc is None:
             raise ServerError("server not started")
         return self._proc.pid
@@ -231,6 +217,56 @@ class PostgresServer:
         if self._dir is None:
             raise ServerError("server not started")
         return self._dir
+
+    def _spawn_on_free_port(self, spawn: Callable[[int], None]) -> None:
+        """``spawn(port)`` until one is not taken meanwhile (it raises _PortTaken)."""
+        for attempt in range(PORT_ATTEMPTS):
+            try:
+                spawn(free_port())
+                return
+            except _PortTaken:
+                self._proc = None
+                if attempt == PORT_ATTEMPTS - 1:
+                    raise
+
+    def stop(self) -> None:
+        """Shut down by PID (``stop_signal``, SIGKILL after a deadline); remove the temp dir."""
+        atexit.unregister(self.stop)
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            _stop_process(proc, self.stop_signal, STOP_TIMEOUT)
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class PostgresServer(_Server):
+    """A private PostgreSQL server on 127.0.0.1:<free port> with a database ``idem``.
+
+    ``settings`` are extra/overriding ``-c name=value`` server settings.
+    Use ``start()``/``stop()`` or ``with PostgresServer() as pg: ...``.
+    """
+
+    user = "postgres"
+    stop_signal = signal.SIGINT  # fast shutdown
+
+    def __init__(
+        self,
+        settings: Mapping[str, str | int] | None = None,
+        *,
+        dbname: str = "idem",
+        bin_dir: str | os.PathLike[str] | None = None,
+        start_timeout: float = START_TIMEOUT,
+    ) -> None:
+        self.settings = {**DEFAULT_PG_SETTINGS, **{k: str(v) for k, v in (settings or {}).items()}}
+        self.dbname = dbname
+        self.bin_dir = Path(bin_dir) if bin_dir is not None else None
+        super().__init__(start_timeout)
+
+    # ---- public properties
 
     @property
     def datadir(self) -> Path:
@@ -279,14 +315,7 @@ class PostgresServer:
         try:
             self._dir = _make_tempdir("idem-pg-", owner)
             self._initdb(bin_dir, creds)
-            for attempt in range(PORT_ATTEMPTS):
-                try:
-                    self._spawn(bin_dir, creds, free_port())
-                    break
-                except _PortTaken:
-                    self._proc = None
-                    if attempt == PORT_ATTEMPTS - 1:
-                        raise
+            self._spawn_on_free_port(lambda port: self._spawn(bin_dir, creds, port))
             self.create_database(self.dbname)
         except BaseException:
             self.stop()
@@ -391,21 +420,8 @@ class PostgresServer:
             and lines[7].strip() == "ready"
         )
 
-    def stop(self) -> None:
-        """Fast shutdown (SIGINT) by PID, SIGKILL after a deadline; remove the temp dir."""
-        atexit.unregister(self.stop)
-        proc, self._proc = self._proc, None
-        if proc is not None:
-            _stop_process(proc, signal.SIGINT, STOP_TIMEOUT)
-        if self._dir is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)
-            self._dir = None
-
     def __enter__(self) -> PostgresServer:
         return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         state = f"pid={self._proc.pid} port={self._port}" if self._proc else "stopped"
@@ -509,13 +525,11 @@ def _resp(*args: str | bytes) -> bytes:
     return b"".join(out)
 
 
-class RedisServer:
+class RedisServer(_Server):
     """A private ``redis-server`` on 127.0.0.1:<free port>, no persistence.
 
     ``extra_args`` are appended to the command line (e.g. ``["--maxmemory", "64mb"]``).
     """
-
-    host = HOST
 
     def __init__(
         self,
@@ -524,34 +538,9 @@ class RedisServer:
         binary: str | None = None,
         start_timeout: float = START_TIMEOUT,
     ) -> None:
+        super().__init__(start_timeout)
         self.extra_args = list(extra_args)
         self.binary = binary
-        self.start_timeout = start_timeout
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._dir: Path | None = None
-        self._port: int | None = None
-
-    @property
-    def port(self) -> int:
-        if self._port is None:
-            raise ServerError("server not started")
-        return self._port
-
-    @property
-    def pid(self) -> int:
-        if self._proc is None:
-            raise ServerError("server not started")
-        return self._proc.pid
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    @property
-    def tmpdir(self) -> Path:
-        if self._dir is None:
-            raise ServerError("server not started")
-        return self._dir
 
     @property
     def log_path(self) -> Path:
@@ -572,14 +561,7 @@ class RedisServer:
         atexit.register(self.stop)
         try:
             self._dir = _make_tempdir("idem-redis-", None)
-            for attempt in range(PORT_ATTEMPTS):
-                try:
-                    self._spawn(binary, free_port())
-                    break
-                except _PortTaken:
-                    self._proc = None
-                    if attempt == PORT_ATTEMPTS - 1:
-                        raise
+            self._spawn_on_free_port(lambda port: self._spawn(binary, port))
         except BaseException:
             self.stop()
             raise
@@ -650,21 +632,8 @@ class RedisServer:
             raise ConnectionError(f"truncated redis reply: {reply[-200:]!r}")
         return reply[: -len(b"+OK\r\n")]
 
-    def stop(self) -> None:
-        """SIGTERM by PID, SIGKILL after a deadline; remove the temp dir."""
-        atexit.unregister(self.stop)
-        proc, self._proc = self._proc, None
-        if proc is not None:
-            _stop_process(proc, signal.SIGTERM, STOP_TIMEOUT)
-        if self._dir is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)
-            self._dir = None
-
     def __enter__(self) -> RedisServer:
         return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         state = f"pid={self._proc.pid} port={self._port}" if self._proc else "stopped"
