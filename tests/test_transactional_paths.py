@@ -282,3 +282,24 @@ def test_handler_that_makes_psycopg_deallocate_still_commits_once(pg_url: str) -
     assert runs == ["a", "a", "b"]
     assert ledger_totals(store) == (2, 2)
     engine.dispose()
+
+
+@pytest.mark.parametrize("fast_path", [True, False], ids=["pg-fast", "pg-plain"])
+def test_optimistic_insert_waits_at_most_lock_timeout(pg_url: str, fast_path: bool) -> None:
+    """An optimistic delivery whose record insert meets another transaction's uncommitted
+    row for the same key waits lock_timeout, then raises AlreadyInProgress: its handler's
+    write is rolled back with it."""
+    store = SqlStore(pg_url, lock_timeout=0.3, fast_path=fast_path)
+    store.create_schema()
+    md.create_all(store.engine)
+    pay = payer(store, retry=None)  # optimistic
+    with store.transaction("pay", "w", None, optimistic=False) as holder:  # holds the key
+        assert holder.existing is None
+        with pytest.raises(AlreadyInProgress) as info:
+            pay({"payment_id": "w", "cents": 4})
+        assert info.value.key == "w"
+    # the holder rolled back on leaving the block: the delivery now goes through
+    assert ledger_totals(store) == (0, 0)
+    assert pay({"payment_id": "w", "cents": 4}) == {"applied": "w", "cents": 4}
+    assert ledger_totals(store) == (1, 4)
+    store.engine.dispose()

@@ -57,8 +57,10 @@ class PgFastPath:
         # with a plain statement, so a handler that triggers that cannot fail again.
         self.done_prepared = True
         ms = None if lock_timeout is None else max(1, int(lock_timeout * 1000))
-        # lock_timeout holds for the whole transaction: a concurrent delivery of the same
-        # key waits at most that long, and so does any lock wait of the handler's
+        # A concurrent delivery of the same key waits at most lock_timeout: pessimistic, it
+        # is set with the claim and holds for the whole transaction (the handler's own lock
+        # waits included); optimistic, it is set just before the record's insert, so it
+        # bounds the wait on the key and nothing of the handler's.
         self.set_lock = b"" if ms is None else f"SET LOCAL lock_timeout = {ms}; ".encode()
         self.execute_claim = f"EXECUTE {claim}(".encode()
         self.execute_read = f"EXECUTE {read}(".encode()
@@ -98,7 +100,7 @@ class PgFastPath:
             begin += b" ISOLATION LEVEL " + raw.isolation_level.name.replace("_", " ").encode()
         begin += b"; "
         if optimistic:
-            claim = b"".join((self.set_lock, self.execute_read, ns, b",", key, b")"))
+            claim = b"".join((self.execute_read, ns, b",", key, b")"))
         else:
             claim = b"".join((
                 self.set_lock, self.execute_claim, ns, b",", key, b",",
@@ -158,13 +160,13 @@ class PgFastPath:
             fp = b"NULL" if params["fp"] is None else lit(params["fp"].encode(enc))
             now, exp = repr(float(params["now"])).encode(), repr(float(params["exp"])).encode()
             if self.done_prepared:
-                parts = [self.execute_done, ns, b",", key, b",", fp, b",", hexed, b",", now,
-                         b",", exp, b"); COMMIT"]
+                parts = [self.set_lock, self.execute_done, ns, b",", key, b",", fp, b",",
+                         hexed, b",", now, b",", exp, b"); COMMIT"]
             else:
-                parts = [self.insert_done, ns, b",", key, b",'completed',", fp, b",", hexed,
-                         b",", now, b",", now, b",", exp, b"); COMMIT"]
+                parts = [self.set_lock, self.insert_done, ns, b",", key, b",'completed',", fp,
+                         b",", hexed, b",", now, b",", now, b",", exp, b"); COMMIT"]
             if replaces_expired:
-                parts[:0] = [self.delete_expired, ns, b" AND key = ", key,
+                parts[1:1] = [self.delete_expired, ns, b" AND key = ", key,
                              b" AND expires_at <= ", now, b"; "]
             query = b"".join(parts)
         elif result is None:

@@ -321,14 +321,11 @@ class SqlStore(Store):
                       "exp": now + ttl}
             if self._fast_pg:
                 existing = self._pg.begin(conn, params, optimistic)
+            elif optimistic:
+                existing = self._select(conn, namespace, key)
             else:
-                if self.dialect == "postgresql" and self.lock_timeout is not None:
-                    ms = max(1, int(self.lock_timeout * 1000))
-                    conn.exec_driver_sql(f"SET LOCAL lock_timeout = {ms}")
-                if optimistic:
-                    existing = self._select(conn, namespace, key)
-                else:
-                    existing = self._claim_in(conn, params)
+                self._set_lock_timeout(conn)
+                existing = self._claim_in(conn, params)
             expired = existing is not None and existing.expires_at <= now
             tx = Transaction(self, conn, namespace, key, None if expired else existing,
                              owner=True, params=params, optimistic=optimistic,
@@ -336,6 +333,13 @@ class SqlStore(Store):
             yield tx
         finally:
             conn.close()  # rolls back whatever was not committed
+
+    def _set_lock_timeout(self, conn: Connection) -> None:
+        """Bound the wait for a concurrent delivery's key (PostgreSQL; SQLite engines made
+        from a URL have it as their busy timeout)."""
+        if self.dialect == "postgresql" and self.lock_timeout is not None:
+            ms = max(1, int(self.lock_timeout * 1000))
+            conn.exec_driver_sql(f"SET LOCAL lock_timeout = {ms}")
 
     def join(
         self, session: Session | Connection, namespace: str, key: str,
@@ -531,10 +535,14 @@ class Transaction:
         if self._owner and store._fast_pg:
             return store._pg.finish(conn, params, self._optimistic, self._replaces_expired)
         if self._optimistic:
+            store._set_lock_timeout(conn)
             if self._replaces_expired:
                 conn.execute(store._st.delete_expired, params)
             try:  # no savepoint: on failure the whole transaction goes anyway
                 conn.execute(store._st.insert_done, params)
+            except sa.exc.OperationalError as exc:
+                raise_if_lock_timeout(exc, params, store.lock_timeout)
+                raise
             except sa.exc.IntegrityError:  # a concurrent delivery committed the key first
                 tx = conn.get_transaction()
                 assert tx is not None
