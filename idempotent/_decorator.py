@@ -83,7 +83,7 @@ def idempotent(
     return decorate
 
 
-def _fingerprinter(spec: FingerprintSpec, tx_param: str | None) -> Callable[..., str | None]:
+def _fingerprinter(spec: FingerprintSpec) -> Callable[..., str | None]:
     if spec is False:
         return lambda *a, **kw: None
     if spec is None or spec is True:
@@ -108,7 +108,7 @@ class _Handler:
         self, fn: Callable[..., Any], store: Store, *, key: _keys.KeySpec,
         namespace: str | None, scope: Callable[..., Any] | None,
         fingerprint: FingerprintSpec, ttl: float, lease: float | None,
-        retry: Any, serializer: Serializer | None,
+        retry: tenacity.BaseRetrying | None, serializer: Serializer | None,
         keep_failures: tuple[type[BaseException], ...], heartbeat: bool,
         optimistic: bool = True,
     ) -> None:
@@ -135,22 +135,20 @@ class _Handler:
         self.key_spec = key
         self.key_of = _keys.extractor(key)
         self.scope_of = scope
-        self.fingerprint_of = _fingerprinter(fingerprint, self.tx_param)
+        self.fingerprint_of = _fingerprinter(fingerprint)
         self.ttl = float(ttl)
         self.lease = float(lease if lease is not None else DEFAULT_LEASE)
         self.serializer = serializer or JSONSerializer()
         self.keep_failures = keep_failures
         self.heartbeat = heartbeat
         self.optimistic = optimistic
-        policy = retry
+        # an in-process store has no transient faults to retry or to translate
         self.direct = not getattr(store, "may_fail_transiently", True)
-        if self.direct:
-            policy = None  # an in-process store has no transient faults to retry
-        self.policy = None if policy is None else (
-            as_async(policy) if self.is_async else as_sync(policy))
-        # what takes over after a failed first attempt: the same policy, counting it
-        self.retrying = None if self.policy is None else self.policy.copy(
-            stop=_CountingFirst(self.policy.stop))
+        self.retrying: tenacity.BaseRetrying | None = None
+        if retry is not None and not self.direct:
+            policy = as_async(retry) if self.is_async else as_sync(retry)
+            # what takes over after a failed first attempt: the same policy, counting it
+            self.retrying = policy.copy(stop=_CountingFirst(policy.stop))
         self.wrapper = self._make_wrapper()
 
     # -- entry points ------------------------------------------------------------------
@@ -223,8 +221,8 @@ class _Handler:
 
     # The first attempt runs outside tenacity: setting up a retry loop costs more than
     # the rest of a call, and most calls succeed at once. Only a failure that the
-    # policy's own `retry` predicate would retry is handed to the policy, which then
-    # makes its attempts (so at most 1 + the policy's attempts in all).
+    # policy's own `retry` predicate would retry is handed to the policy, which makes the
+    # further attempts with the first one counted (see _CountingFirst).
     def _retries(self, exc: BaseException) -> bool:
         if self.retrying is None or isinstance(exc, IdempotencyError):
             return False
