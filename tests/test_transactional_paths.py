@@ -28,11 +28,13 @@ ledger = sa.Table(
 )
 
 
-@pytest.fixture(params=["pg-fast", "pg-plain", "sqlite"])
+@pytest.fixture(params=["pg-fast", "pg-plain", "sqlite-fast", "sqlite-plain"])
 def store(request: pytest.FixtureRequest) -> Iterator[SqlStore]:
     """A SqlStore with a ledger table, on each transactional path."""
-    if request.param == "sqlite":
-        s = SqlStore(request.getfixturevalue("sqlite_url"), lock_timeout=0.5)
+    if request.param.startswith("sqlite"):
+        s = SqlStore(request.getfixturevalue("sqlite_url"), lock_timeout=0.5,
+                     fast_path=request.param == "sqlite-fast")
+        assert s._fast_sqlite is (request.param == "sqlite-fast")
     else:
         s = SqlStore(request.getfixturevalue("pg_url"), lock_timeout=0.5,
                      fast_path=request.param == "pg-fast")
