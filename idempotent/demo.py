@@ -337,24 +337,14 @@ def _deliver(
         progress.close()
 
 
-def main(
-    *,
-    payments: int = 10_000,
-    seed: int = 7,
-    crash_rate: float = 0.05,
-    db: str | None = None,
-    url: str | None = None,
-    progress: str = "auto",
-    sabotage: bool = False,
-    out: TextIO | None = None,
-    err: TextIO | None = None,
-) -> int:
-    """Run the demo, print its table and verdict; 0 when every payment applied once."""
+def main(*, out: TextIO | None = None, err: TextIO | None = None, **options: Any) -> int:
+    """Run the demo (``options`` are `run_demo`'s), print its table and verdict; 0 when
+    every payment applied once."""
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
+    sabotage = bool(options.get("sabotage"))
     try:
-        report = run_demo(payments=payments, seed=seed, crash_rate=crash_rate, db=db,
-                          url=url, progress=progress, sabotage=sabotage, err=err)
+        report = run_demo(err=err, **options)
     except (sa.exc.SQLAlchemyError, IdempotencyError, ImportError) as exc:
         # an unreachable database or a missing driver is a usage problem, not a bug:
         # one line, no traceback
