@@ -122,8 +122,11 @@ class _Handler:
                 f"{fn.__qualname__} takes {self.tx_param!r}: transactional mode needs a "
                 f"SqlStore, not {type(store).__name__}"
             )
-        if self.tx_param is not None and lease is not None:
-            raise TypeError("lease= is for lease mode; a handler taking a session has none")
+        if self.tx_param is not None and (lease is not None or keep_failures):
+            raise TypeError(
+                "lease= and keep_failures= are for lease mode; in transactional mode a failed "
+                "handler's transaction rolls back and leaves nothing to keep"
+            )
         store_async = getattr(store, "is_async", None)
         if store_async is not None and store_async != self.is_async:
             kind = "an async engine" if store_async else "a sync engine"

@@ -305,3 +305,14 @@ def test_optimistic_insert_waits_at_most_lock_timeout(pg_url: str, fast_path: bo
     assert pay({"payment_id": "w", "cents": 4}) == {"applied": "w", "cents": 4}
     assert ledger_totals(store) == (1, 4)
     store.engine.dispose()
+
+
+def test_lease_options_are_refused_in_transactional_mode(sqlite_url: str) -> None:
+    """lease= and keep_failures= mean nothing to a transactional handler: refused at once."""
+    store = SqlStore(sqlite_url)
+    for options in ({"lease": 10.0}, {"keep_failures": (ValueError,)}):
+        with pytest.raises(TypeError, match="lease mode"):
+
+            @idempotent(store, key="k", **options)  # type: ignore[arg-type]
+            def h(msg: dict[str, Any], *, connection: sa.Connection) -> None: ...
+    store.engine.dispose()
