@@ -131,6 +131,15 @@ class Db:
         ledger_metadata.create_all(db.engine)
         return db
 
+    @classmethod
+    def opened(cls, url: str) -> Iterator[Db]:
+        """A fixture body: the database for one test, disposed afterwards."""
+        db = cls.create(url)
+        try:
+            yield db
+        finally:
+            db.close()
+
     @property
     def dialect(self) -> str:
         return self.engine.dialect.name

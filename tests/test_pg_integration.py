@@ -36,11 +36,7 @@ pytestmark = pytest.mark.postgres
 
 @pytest.fixture
 def db(pg_url: str) -> Iterator[Db]:
-    database = Db.create(pg_url)
-    try:
-        yield database
-    finally:
-        database.close()
+    yield from Db.opened(pg_url)
 
 
 def _dbname(db: Db) -> str:

@@ -20,11 +20,7 @@ from _payments import MISSING_KEYS, Db
 @pytest.fixture
 def db(sql_url: str) -> Iterator[Db]:
     """A ledger and records database, on SQLite and on PostgreSQL."""
-    database = Db.create(sql_url)
-    try:
-        yield database
-    finally:
-        database.close()
+    yield from Db.opened(sql_url)
 
 
 @pytest.mark.parametrize("msg", MISSING_KEYS)

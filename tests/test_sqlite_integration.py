@@ -20,11 +20,7 @@ from _payments import Db
 
 @pytest.fixture
 def db(sqlite_url: str) -> Iterator[Db]:
-    database = Db.create(sqlite_url)
-    try:
-        yield database
-    finally:
-        database.close()
+    yield from Db.opened(sqlite_url)
 
 
 @pytest.mark.slow
