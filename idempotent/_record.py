@@ -56,3 +56,23 @@ class InProgress:
 
 
 Outcome = Claimed | Completed | InProgress
+
+
+@dataclass(frozen=True, slots=True)
+class StateCount:
+    """How many records of one namespace are in one state; ``expired`` of them are past
+    their ``expires_at`` (treated as absent, awaiting a purge)."""
+
+    namespace: str
+    state: State
+    count: int
+    expired: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStats:
+    """What `Store.stats` reports: counts per namespace and state, sorted by namespace
+    then state, and the in-progress record with the oldest ``created_at`` (or None)."""
+
+    counts: tuple[StateCount, ...]
+    oldest_in_progress: Record | None

@@ -14,7 +14,7 @@ import os
 import time
 from collections.abc import Callable, Iterable
 
-from .._record import Claimed, Completed, InProgress, Outcome, Record, State
+from .._record import Claimed, Completed, InProgress, Outcome, Record, State, StoreStats
 from ..exceptions import LeaseLost
 
 # Module constants: reading an enum member off its class costs ~70 ns in Python 3.11.
@@ -121,6 +121,36 @@ class Store:
         """Claim several keys; the base does one claim per key, stores may batch."""
         return {k: self.claim(namespace, k, fingerprint=None, lease=lease, ttl=ttl) for k in keys}
 
+    # -- operations (the CLI's inspect / purge / stats) ---------------------------------
+    def purge(
+        self,
+        *,
+        older_than: float | None = None,
+        namespace: str | None = None,
+        batch: int = 1000,
+    ) -> int:
+        """Delete records no longer needed, at most ``batch`` per atomic step; returns how
+        many were deleted.
+
+        Deleted: every record past its ``expires_at``; with ``older_than`` (seconds), also
+        every record created more than ``older_than`` ago. Never deleted: an in-progress
+        record whose lease is live (``lease_until > now``). ``namespace`` limits the purge
+        to one namespace. Safe while workers run and while another purge runs: each step
+        re-checks these conditions atomically as it deletes.
+        """
+        if batch < 1:
+            raise ValueError("batch must be at least 1")
+        if older_than is not None and older_than < 0:
+            raise ValueError("older_than must not be negative")
+        now = self.clock()
+        created_before = None if older_than is None else now - older_than
+        return self._purge(now, created_before, namespace, batch)
+
+    def stats(self, namespace: str | None = None) -> StoreStats:
+        """Counts per namespace and state (of one ``namespace`` if given), and the oldest
+        in-progress record."""
+        return self._stats(self.clock(), namespace)
+
     # -- for subclasses ----------------------------------------------------------------
     def _claim(
         self,
@@ -155,6 +185,16 @@ class Store:
         raise NotImplementedError
 
     def _get(self, namespace: str, key: str) -> Record | None:
+        raise NotImplementedError
+
+    def _purge(
+        self, now: float, created_before: float | None, namespace: str | None, batch: int
+    ) -> int:
+        """Delete purgeable records (see `purge`) in steps of at most ``batch``, each
+        step atomic; return the total deleted."""
+        raise NotImplementedError
+
+    def _stats(self, now: float, namespace: str | None) -> StoreStats:
         raise NotImplementedError
 
 
