@@ -619,6 +619,17 @@ class RedisServer(_Server):
                 )
             time.sleep(_POLL)
 
+    def restart(self, *, kill: bool = False) -> None:
+        """Stop the server by PID (SIGKILL if ``kill``, else a clean shutdown) and start it
+        again on the same port, with the same checks as `start`. Its data is gone (no
+        persistence), as after a crash of a cache-only Redis."""
+        proc = self._proc
+        if proc is None:
+            raise ServerError("server not started")
+        _stop_process(proc, signal.SIGKILL if kill else self.stop_signal, STOP_TIMEOUT)
+        self._proc = None
+        self._spawn(self.binary or find_redis_server(), self.port)
+
     def command(self, *args: str | bytes, timeout: float = 5.0) -> bytes:
         """Send one command over a new connection; return the raw RESP reply."""
         with socket.create_connection((self.host, self.port), timeout=timeout) as s:

@@ -162,3 +162,15 @@ def test_redis_server_answers_on_loopback(redis_server: RedisServer) -> None:
         redis_server.command("CONFIG", "GET", "bind") == b"*2\r\n$4\r\nbind\r\n$9\r\n127.0.0.1\r\n"
     )
     assert redis_server.url == f"redis://127.0.0.1:{redis_server.port}/0"
+
+
+def test_redis_restart_keeps_the_port_and_drops_the_data() -> None:
+    """restart() (clean or SIGKILL) brings a new process up on the same port, bind checked."""
+    with RedisServer() as server:
+        port, pid = server.port, server.pid
+        assert server.command("SET", "k", "v") == b"+OK\r\n"
+        server.restart(kill=True)
+        assert (server.port, server.running) == (port, True) and server.pid != pid
+        assert server.command("GET", "k") == b"$-1\r\n"
+        server.restart()
+        assert server.command("PING") == b"+PONG\r\n"
