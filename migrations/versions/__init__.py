@@ -1,0 +1,1 @@
+"""Revisions of idempotent's Alembic history (branch ``idempotent``)."""
