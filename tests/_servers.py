@@ -218,11 +218,14 @@ class _Server:
             raise ServerError("server not started")
         return self._dir
 
+    def _pick_port(self) -> int:
+        return free_port()
+
     def _spawn_on_free_port(self, spawn: Callable[[int], None]) -> None:
         """``spawn(port)`` until one is not taken meanwhile (it raises _PortTaken)."""
         for attempt in range(PORT_ATTEMPTS):
             try:
-                spawn(free_port())
+                spawn(self._pick_port())
                 return
             except _PortTaken:
                 self._proc = None
@@ -649,3 +652,121 @@ class RedisServer(_Server):
     def __repr__(self) -> str:
         state = f"pid={self._proc.pid} port={self._port}" if self._proc else "stopped"
         return f"<RedisServer {state}>"
+
+
+# --------------------------------------------------------------------------- Redis Cluster
+
+
+def find_redis_cli() -> str:
+    """Path of ``redis-cli`` (``$IDEMPOTENT_REDIS_CLI`` overrides PATH)."""
+    env = os.environ.get("IDEMPOTENT_REDIS_CLI")
+    found = env if env else shutil.which("redis-cli")
+    if not found or not os.access(found, os.X_OK):
+        raise ServerError("redis-cli not found (needed to build a Redis Cluster)")
+    return found
+
+
+CLUSTER_BUS_OFFSET = 10000  # Redis listens for its cluster bus on port + 10000
+
+
+class _ClusterNode(RedisServer):
+    """A redis-server with cluster mode on; its port and its bus port were both free."""
+
+    def _pick_port(self) -> int:
+        for _ in range(100):
+            port = free_port()
+            if port + CLUSTER_BUS_OFFSET > 65535:
+                continue
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                try:
+                    s.bind((self.host, port + CLUSTER_BUS_OFFSET))
+                except OSError:
+                    continue
+            return port
+        raise ServerError("no free port pair (port, port + 10000) for a cluster node")
+
+
+class RedisCluster:
+    """A private Redis Cluster of ``masters`` nodes on 127.0.0.1 (no replicas, no
+    persistence), built with ``redis-cli --cluster create``; stops its nodes by PID.
+
+    ``url`` is a redis:// URL of one node (``redis.cluster.RedisCluster.from_url``
+    discovers the others); ``nodes`` are the `RedisServer` objects.
+    """
+
+    def __init__(self, masters: int = 3, *, start_timeout: float = START_TIMEOUT) -> None:
+        if masters < 3:
+            raise ValueError("redis-cli --cluster create needs at least 3 masters")
+        self.masters = masters
+        self.start_timeout = start_timeout
+        self.nodes: list[RedisServer] = []
+
+    @property
+    def host(self) -> str:
+        return HOST
+
+    @property
+    def url(self) -> str:
+        return self.nodes[0].url
+
+    @property
+    def ports(self) -> list[int]:
+        return [n.port for n in self.nodes]
+
+    def start(self) -> RedisCluster:
+        if self.nodes:
+            raise ServerError("cluster already started")
+        atexit.register(self.stop)
+        try:
+            for _ in range(self.masters):
+                node = _ClusterNode(
+                    ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                     "--cluster-node-timeout", "5000"],
+                    start_timeout=self.start_timeout,
+                )
+                self.nodes.append(node)
+                node.start()
+            self._create()
+            self._wait_ok()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _create(self) -> None:
+        cmd = [find_redis_cli(), "--cluster", "create",
+               *(f"{self.host}:{n.port}" for n in self.nodes),
+               "--cluster-replicas", "0", "--cluster-yes"]
+        res = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True,
+                             timeout=self.start_timeout, check=False)
+        if res.returncode != 0 or b"[OK] All 16384 slots covered" not in res.stdout:
+            out = (res.stdout + res.stderr).decode("utf-8", "replace")[-3000:]
+            raise ServerError(f"redis-cli --cluster create failed ({res.returncode}):\n{out}")
+
+    def _wait_ok(self) -> None:
+        """Until every node says ``cluster_state:ok`` and knows all the others."""
+        deadline = time.monotonic() + self.start_timeout
+        want = f"cluster_known_nodes:{self.masters}\r\n".encode()
+        while True:
+            infos = [n.command("CLUSTER", "INFO") for n in self.nodes]
+            if all(b"cluster_state:ok\r\n" in i and want in i for i in infos):
+                return
+            if time.monotonic() > deadline:
+                raise ServerError(f"cluster not ok after {self.start_timeout}s: {infos[0]!r}")
+            time.sleep(_POLL)
+
+    def stop(self) -> None:
+        """Stop every node by PID and remove their temp dirs."""
+        atexit.unregister(self.stop)
+        nodes, self.nodes = self.nodes, []
+        for node in nodes:
+            node.stop()
+
+    def __enter__(self) -> RedisCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"<RedisCluster ports={self.ports if self.nodes else 'stopped'}>"

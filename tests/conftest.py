@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from _servers import PostgresServer, RedisServer
+from _servers import PostgresServer, RedisCluster, RedisServer
 
 _db_numbers = itertools.count(1)
 
@@ -41,6 +41,37 @@ def redis_server() -> Iterator[RedisServer]:
     """One private redis-server (127.0.0.1, free port, no persistence) for the session."""
     with RedisServer() as server:
         yield server
+
+
+#: The database number of `redis_url` (db 0 stays for brokers and other users).
+REDIS_STORE_DB = 9
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> Iterator[str]:
+    """URL of a database of the session redis-server, flushed before and after the test."""
+    import redis
+
+    url = redis_server.url_for(REDIS_STORE_DB)
+    with redis.Redis.from_url(url) as client:
+        client.flushdb()
+        yield url
+        client.flushdb()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisCluster]:
+    """A private 3-master Redis Cluster (127.0.0.1, free ports) for the whole session."""
+    with RedisCluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def redis_cluster_url(redis_cluster: RedisCluster) -> Iterator[str]:
+    """URL of one node of the session cluster, every node flushed before the test."""
+    for node in redis_cluster.nodes:
+        node.command("FLUSHALL")
+    yield redis_cluster.url
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -1,4 +1,5 @@
-"""The store contract, run on every store: memory, SQLite and PostgreSQL (real servers)."""
+"""The store contract, run on every store: memory, SQLite, PostgreSQL, Redis and Redis
+Cluster (real servers)."""
 
 from __future__ import annotations
 
@@ -20,12 +21,21 @@ class Clock:
         return self.now
 
 
-@pytest.fixture(params=["memory", "sqlite", "postgres"])
+@pytest.fixture(params=["memory", "sqlite", "postgres", "redis", "redis-cluster"])
 def contract(request: pytest.FixtureRequest) -> Iterator[tuple[Store, Clock]]:
     """A store of each kind with a hand-moved clock."""
     clock = Clock()
     if request.param == "memory":
         yield MemoryStore(clock=clock), clock
+        return
+    if request.param.startswith("redis"):
+        from idempotent.stores.redis import RedisStore
+
+        cluster = request.param == "redis-cluster"
+        url = request.getfixturevalue("redis_cluster_url" if cluster else "redis_url")
+        redis_store = RedisStore(url, clock=clock, cluster=cluster)
+        yield redis_store, clock
+        redis_store.close()
         return
     url = request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_url")
     store = SqlStore(url, clock=clock)

@@ -1,14 +1,517 @@
-"""Redis store (lease mode). Placeholder: being written for issue 4."""
+"""Redis store (lease mode), on redis-py: sync or ``redis.asyncio``, standalone or Cluster.
+
+Every operation is one Lua script (`_redis_scripts`), so each is atomic and costs one
+round trip: ``EVALSHA``, and ``EVAL`` once if the server does not know the script yet
+(a restarted or new node). A record is one hash under
+``<prefix>:<namespace length>:<namespace>:<key>`` (the length makes the name unambiguous
+whatever the namespace holds); the whole name is hashed to a cluster slot, so records
+spread over the nodes. A batch claim groups its keys by slot: one script call for a
+standalone server, one call per slot (pipelined, one round trip per node) on a cluster.
+A prefix with a hash tag (``prefix="{idem}"``) keeps every record in one slot, so a batch
+is one call on a cluster too, at the cost of one node holding all records.
+
+Liveness is decided by the scripts from the stored deadlines and the caller's clock;
+Redis' native expiry only removes records after their deadline (see `_redis_scripts`).
+
+With a ``redis.asyncio`` client the methods stay synchronous and await the client inside
+SQLAlchemy's greenlet bridge, as ``@idempotent`` runs ``async def`` handlers; call them
+from a ``greenlet_spawn``-ed function when using the store directly.
+"""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from .base import Store
+from .._record import (
+    Claimed,
+    Completed,
+    InProgress,
+    Outcome,
+    Record,
+    State,
+    StateCount,
+    StoreStats,
+)
+from ..exceptions import IdempotencyError, ResultNotSerializable
+from . import _redis_scripts as lua
+from .base import DEFAULT_LEASE, DEFAULT_TTL, Store, new_token
+
+try:
+    import redis
+    import redis.asyncio
+    import redis.asyncio.cluster
+    import redis.cluster
+    from redis.crc import key_slot
+    from redis.exceptions import NoScriptError, ResponseError
+    from sqlalchemy.util import await_only
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "RedisStore needs redis-py: pip install 'idempotent[redis]'"
+    ) from exc
+
+__all__ = ["MAX_KEY_LENGTH", "RedisStore"]
+
+#: Longest namespace or key (characters) the store takes; the decorator hashes anything
+#: over 128 characters to ``sha256:<hex>`` (71), so only direct callers can exceed it.
+MAX_KEY_LENGTH = 200
+#: Default largest result a record holds (bytes); the server's ``proto-max-bulk-len``
+#: (512 MiB by default) must be larger.
+DEFAULT_MAX_RESULT_BYTES = 16 * 1024 * 1024
+
+_STATES = {b"i": State.IN_PROGRESS, b"c": State.COMPLETED, b"f": State.FAILED}
+_CODES = {State.COMPLETED: b"c", State.FAILED: b"f", State.IN_PROGRESS: b"i"}
+_FIELDS = (b"v", b"s", b"f", b"r", b"t", b"l", b"c", b"d", b"e")
+_CLAIMED, _TAKEN_OVER, _FOUND, _BUSY = lua.CLAIMED, lua.TAKEN_OVER, lua.FOUND, lua.BUSY
+_ASYNC_CLIENTS = (redis.asyncio.Redis, redis.asyncio.cluster.RedisCluster)
+_CLUSTER_CLIENTS = (redis.cluster.RedisCluster, redis.asyncio.cluster.RedisCluster)
+_GLOB_SPECIAL = b"*?[]\\"
+
+
+class _Script:
+    """A script's text and SHA-1 (what ``EVALSHA`` names it by)."""
+
+    __slots__ = ("sha", "text")
+
+    def __init__(self, text: str) -> None:
+        import hashlib
+
+        self.text = text
+        self.sha = hashlib.sha1(text.encode()).hexdigest()
+
+
+_CLAIM = _Script(lua.CLAIM)
+_CLAIM_MANY = _Script(lua.CLAIM_MANY)
+_COMPLETE = _Script(lua.COMPLETE)
+_RELEASE = _Script(lua.RELEASE)
+_RENEW = _Script(lua.RENEW)
+_PURGE = _Script(lua.PURGE)
+
+
+def _ms(seconds: float) -> int:
+    """A native expiry (milliseconds, relative) for a deadline ``seconds`` away: never
+    earlier than the deadline, plus the grace."""
+    return max(1, int(seconds * 1000) + 1 + lua.GRACE_MS)
 
 
 class RedisStore(Store):
-    """Not yet implemented."""
+    """Records in Redis, each operation one atomic Lua script and one round trip.
 
-    def __init__(self, url_or_client: Any, **options: Any) -> None:
-        raise NotImplementedError("RedisStore is not written yet")
+    ``url_or_client``: a ``redis://``, ``rediss://`` (TLS) or ``unix://`` URL (ACL user
+    and password as ``redis://user:password@host``), or a client: ``redis.Redis``,
+    ``redis.asyncio.Redis``, ``redis.cluster.RedisCluster`` or its asyncio twin. A URL
+    makes a ``redis.Redis`` (``cluster=True``: a ``RedisCluster``; ``use_asyncio=True``:
+    the asyncio variant), with ``client_options`` passed to its ``from_url``. Clients
+    must not decode responses (results are bytes).
+
+    ``prefix`` starts every key name. ``max_result_bytes`` bounds a stored result: a
+    larger one is refused by `complete` with `ResultNotSerializable` and the claim is
+    released, so a redelivery can run again.
+    """
+
+    def __init__(
+        self,
+        url_or_client: Any,
+        *,
+        prefix: str = "idem",
+        clock: Callable[[], float] = time.time,
+        cluster: bool = False,
+        use_asyncio: bool = False,
+        max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES,
+        **client_options: Any,
+    ) -> None:
+        super().__init__(clock=clock)
+        if not isinstance(prefix, str) or not prefix:
+            raise ValueError("prefix must be a non-empty str")
+        if max_result_bytes < 0:
+            raise ValueError("max_result_bytes must not be negative")
+        if isinstance(url_or_client, str):
+            client = _client_from_url(url_or_client, cluster, use_asyncio, client_options)
+        elif client_options or cluster or use_asyncio:
+            raise TypeError("cluster=, use_asyncio= and client options go with a URL only")
+        else:
+            client = url_or_client
+        if not isinstance(client, (redis.Redis, redis.cluster.RedisCluster, *_ASYNC_CLIENTS)):
+            raise TypeError(
+                "RedisStore takes a redis:// URL or a redis-py client, not "
+                f"{type(client).__qualname__}"
+            )
+        if _decodes(client):
+            raise ValueError("RedisStore needs a client with decode_responses=False")
+        self.client: Any = client
+        self.prefix = prefix
+        self.max_result_bytes = max_result_bytes
+        #: True for ``redis.asyncio`` clients: ``@idempotent`` then wants ``async def``.
+        self.is_async = isinstance(client, _ASYNC_CLIENTS)
+        self.is_cluster = isinstance(client, _CLUSTER_CLIENTS)
+        self._prefix = prefix.encode("utf-8", "surrogatepass") + b":"
+        self._heads: dict[str, bytes] = {}
+        self._wait: Callable[[Any], Any] = _await_only if self.is_async else _same
+
+    def __repr__(self) -> str:
+        kind = ("async " if self.is_async else "") + ("cluster" if self.is_cluster else "")
+        return f"<RedisStore prefix={self.prefix!r} {kind}{self.client!r}>"
+
+    def close(self) -> None:
+        """Close the client's connections (a client passed in is the caller's to close)."""
+        if self.is_async:
+            self._wait(self.client.aclose())
+        else:
+            self.client.close()
+
+    # -- key names ------------------------------------------------------------------------
+    def key_name(self, namespace: str, key: str) -> bytes:
+        """The Redis key of a record: ``<prefix>:<len(namespace)>:<namespace>:<key>``,
+        UTF-8 (lone surrogates kept with ``surrogatepass``, so every str is a key)."""
+        head = self._heads.get(namespace)
+        if head is None:
+            head = self._head(namespace)
+        if type(key) is not str or not key or len(key) > MAX_KEY_LENGTH:
+            _check_text("key", key)
+        return head + key.encode("utf-8", "surrogatepass")
+
+    def _head(self, namespace: str) -> bytes:
+        _check_text("namespace", namespace)
+        ns = namespace.encode("utf-8", "surrogatepass")
+        head = b"%s%d:%s:" % (self._prefix, len(ns), ns)
+        if len(self._heads) < 10_000:  # namespaces are few; never grow without bound
+            self._heads[namespace] = head
+        return head
+
+    def _split(self, name: bytes) -> tuple[str, str] | None:
+        """(namespace, key) of a key name, or None if it is not one of ours."""
+        if not name.startswith(self._prefix):
+            return None
+        rest = name[len(self._prefix):]
+        size, colon, rest = rest.partition(b":")
+        if not colon or not size.isdigit() or rest[int(size):int(size) + 1] != b":":
+            return None
+        n = int(size)
+        return (rest[:n].decode("utf-8", "surrogatepass"),
+                rest[n + 1:].decode("utf-8", "surrogatepass"))
+
+    # -- running scripts ----------------------------------------------------------------
+    def _eval(self, script: _Script, numkeys: int, *args: Any) -> Any:
+        """One script call: ``EVALSHA``, or ``EVAL`` (which caches it) after NOSCRIPT."""
+        client, wait = self.client, self._wait
+        try:
+            return wait(client.execute_command("EVALSHA", script.sha, numkeys, *args))
+        except NoScriptError:
+            return wait(client.execute_command("EVAL", script.text, numkeys, *args))
+
+    def _eval_each(self, calls: list[tuple[_Script, int, tuple[Any, ...]]]) -> list[Any]:
+        """Several script calls in one pipeline (one round trip per node); the ones the
+        server did not know are sent again as ``EVAL``."""
+        if len(calls) == 1:
+            script, numkeys, args = calls[0]
+            return [self._eval(script, numkeys, *args)]
+        replies = self._pipeline([("EVALSHA", s.sha, n, *a) for s, n, a in calls])
+        again = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
+        if again:
+            redo = self._pipeline([("EVAL", calls[i][0].text, calls[i][1], *calls[i][2])
+                                   for i in again])
+            for i, r in zip(again, redo, strict=True):
+                replies[i] = r
+        for r in replies:
+            if isinstance(r, Exception):
+                raise r
+        return replies
+
+    def _pipeline(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        pipe = (self.client.pipeline() if self.is_cluster
+                else self.client.pipeline(transaction=False))
+        for command in commands:
+            pipe.execute_command(*command)
+        return list(self._wait(pipe.execute(raise_on_error=False)))
+
+    def _by_slot(self, names: list[bytes]) -> list[list[int]]:
+        """Indexes of ``names`` grouped so each group can go in one script call."""
+        if not self.is_cluster:
+            return [list(range(len(names)))]
+        groups: dict[int, list[int]] = {}
+        for i, name in enumerate(names):
+            groups.setdefault(key_slot(name), []).append(i)
+        return list(groups.values())
+
+    # -- lease mode ---------------------------------------------------------------------
+    def _claim(
+        self,
+        namespace: str,
+        key: str,
+        fingerprint: str | None,
+        token: str,
+        now: float,
+        lease_until: float,
+        expires_at: float,
+    ) -> Outcome | None:
+        """One ``EVALSHA``: claim, take over, or report the record, atomically."""
+        name = self.key_name(namespace, key)
+        ms = _ms(lease_until - now)
+        if fingerprint is None:
+            reply = self._eval(_CLAIM, 1, name, now, token, lease_until, expires_at, ms)
+        else:
+            reply = self._eval(
+                _CLAIM, 1, name, now, token, lease_until, expires_at, ms, fingerprint)
+        return self._outcome(namespace, key, token, lease_until, reply)
+
+    def _outcome(
+        self, namespace: str, key: str, token: str, lease_until: float, reply: list[Any]
+    ) -> Outcome:
+        code = reply[0]
+        if code == _CLAIMED:
+            return Claimed(token, lease_until)
+        if code == _TAKEN_OVER:
+            return Claimed(token, lease_until, True)
+        if code == _FOUND:
+            return Completed(_record(namespace, key, reply))
+        if code == _BUSY:
+            return InProgress(_record(namespace, key, reply))
+        raise self._bad_record(namespace, key, code, reply[1])
+
+    def claim_many(
+        self,
+        namespace: str,
+        keys: Iterable[str],
+        *,
+        lease: float = DEFAULT_LEASE,
+        ttl: float = DEFAULT_TTL,
+    ) -> dict[str, Outcome]:
+        """Claim several keys of one namespace in one round trip (one script call on a
+        standalone server; on a cluster one call per slot, pipelined: one round trip per
+        node). Each key's claim is atomic; the batch as a whole is not a transaction."""
+        unique = list(dict.fromkeys(keys))
+        if not unique:
+            return {}
+        names = [self.key_name(namespace, k) for k in unique]
+        now = self.clock()
+        lease_until, expires_at = now + lease, now + ttl
+        tokens = [new_token() for _ in unique]
+        groups = self._by_slot(names)
+        calls = [
+            (_CLAIM_MANY, len(group),
+             (*(names[i] for i in group), now, lease_until, expires_at, _ms(lease),
+              *(tokens[i] for i in group)))
+            for group in groups
+        ]
+        out: dict[str, Outcome] = {}
+        for group, replies in zip(groups, self._eval_each(calls), strict=True):
+            for i, reply in zip(group, replies, strict=True):
+                out[unique[i]] = self._outcome(namespace, unique[i], tokens[i], lease_until,
+                                               reply)
+        return {k: out[k] for k in unique}
+
+    def complete(
+        self,
+        namespace: str,
+        key: str,
+        token: str,
+        result: bytes | None,
+        *,
+        ttl: float = DEFAULT_TTL,
+        state: State = State.COMPLETED,
+    ) -> None:
+        """As `Store.complete`; a result over ``max_result_bytes`` releases the claim and
+        raises `ResultNotSerializable` (nothing stored)."""
+        if result is not None and len(result) > self.max_result_bytes:
+            self.release(namespace, key, token)
+            raise ResultNotSerializable(
+                f"{namespace}: result for key {key!r} is {len(result):,} bytes, over the "
+                f"store's max_result_bytes={self.max_result_bytes:,}; not stored, claim "
+                "released",
+                namespace=namespace,
+                key=key,
+            )
+        super().complete(namespace, key, token, result, ttl=ttl, state=state)
+
+    def _complete(
+        self,
+        namespace: str,
+        key: str,
+        token: str,
+        result: bytes | None,
+        state: State,
+        now: float,
+        expires_at: float,
+    ) -> bool:
+        """One ``EVALSHA``; stores the result only while ``token`` owns the key."""
+        name, code, ms = self.key_name(namespace, key), _CODES[state], _ms(expires_at - now)
+        if result is None:
+            done = self._eval(_COMPLETE, 1, name, token, code, now, expires_at, ms)
+        else:
+            done = self._eval(_COMPLETE, 1, name, token, code, now, expires_at, ms, result)
+        return self._owned(namespace, key, done)
+
+    def _release(self, namespace: str, key: str, token: str) -> bool:
+        """One ``EVALSHA``: deletes the in-progress record ``token`` owns."""
+        done = self._eval(_RELEASE, 1, self.key_name(namespace, key), token)
+        return self._owned(namespace, key, done)
+
+    def _renew(self, namespace: str, key: str, token: str, lease_until: float) -> bool:
+        """One ``EVALSHA``: moves the lease deadline (and the native expiry)."""
+        ms = _ms(lease_until - self.clock())
+        done = self._eval(_RENEW, 1, self.key_name(namespace, key), token, lease_until, ms)
+        return self._owned(namespace, key, done)
+
+    def _owned(self, namespace: str, key: str, code: int) -> bool:
+        if code < 0:
+            raise self._bad_record(namespace, key, code, None)
+        return code == 1
+
+    def _get(self, namespace: str, key: str) -> Record | None:
+        """One ``HMGET`` (``EXISTS`` too when the record has no version field)."""
+        name = self.key_name(namespace, key)
+        try:
+            reply = self._wait(self.client.execute_command("HMGET", name, *_FIELDS))
+        except ResponseError as exc:
+            if "WRONGTYPE" not in str(exc):
+                raise
+            raise self._bad_record(namespace, key, lua.WRONG_TYPE, str(exc)) from exc
+        version = reply[0]
+        if version is None:
+            if self._wait(self.client.execute_command("EXISTS", name)):
+                raise self._bad_record(namespace, key, lua.BAD_VERSION, b"")
+            return None
+        if version != lua.FORMAT_VERSION.encode():
+            raise self._bad_record(namespace, key, lua.BAD_VERSION, version)
+        return _record(namespace, key, [None, *reply])
+
+    def _bad_record(self, namespace: str, key: str, code: int, detail: Any) -> IdempotencyError:
+        name = self.key_name(namespace, key)
+        if code == lua.BAD_VERSION:
+            found = (f"format version {detail.decode(errors='replace')!r}" if detail
+                     else "no format version")
+            why = (f"holds a record with {found}; this idempotent reads and writes version "
+                   f"{lua.FORMAT_VERSION!r}. Upgrade idempotent, or delete the key")
+        else:
+            text = detail.decode(errors="replace") if isinstance(detail, bytes) else detail
+            why = f"is not an idempotent record ({text or 'wrong type'})"
+        return IdempotencyError(
+            f"{namespace}: Redis key {name!r} for key {key!r} {why}; nothing was changed",
+            namespace=namespace,
+            key=key,
+        )
+
+    # -- operations (SCAN, never KEYS) ---------------------------------------------------
+    def _pattern(self, namespace: str | None) -> bytes:
+        head = self._prefix if namespace is None else self._head(namespace)
+        return bytes(_glob_escape(head)) + b"*"
+
+    def _scan(self, namespace: str | None, batch: int) -> Iterator[list[bytes]]:
+        """The key names under the prefix (of one namespace), ``batch`` at a time. A
+        record that lives through the whole scan is seen at least once (SCAN's promise)."""
+        found: Any = self.client.scan_iter(match=self._pattern(namespace), count=batch)
+        names: list[bytes] = []
+        for name in _iterate(found) if self.is_async else found:
+            names.append(name)
+            if len(names) >= batch:
+                yield names
+                names = []
+        if names:
+            yield names
+
+    def _purge(
+        self, now: float, created_before: float | None, namespace: str | None, batch: int
+    ) -> int:
+        """SCAN the prefix, and per ``batch`` names one script call per slot (pipelined)
+        that re-checks each record and deletes it atomically. Native expiry removes most
+        records before a purge sees them."""
+        args: tuple[Any, ...] = (now,) if created_before is None else (now, created_before)
+        total = 0
+        for names in self._scan(namespace, batch):
+            calls = [(_PURGE, len(g), (*(names[i] for i in g), *args))
+                     for g in self._by_slot(names)]
+            total += sum(self._eval_each(calls))
+        return total
+
+    def _stats(self, now: float, namespace: str | None) -> StoreStats:
+        """SCAN the prefix; per batch one pipelined ``HMGET`` per record."""
+        counts: dict[tuple[str, State], list[int]] = {}
+        oldest: tuple[float, str, str] | None = None
+        version = lua.FORMAT_VERSION.encode()
+        for names in self._scan(namespace, 500):
+            replies = self._pipeline([("HMGET", n, b"v", b"s", b"c", b"e") for n in names])
+            for name, reply in zip(names, replies, strict=True):
+                parts = self._split(name)
+                if parts is None or isinstance(reply, Exception) or reply[0] != version:
+                    continue
+                ns, key = parts
+                state = _STATES[reply[1]]
+                slot = counts.setdefault((ns, state), [0, 0])
+                slot[0] += 1
+                slot[1] += float(reply[3]) <= now
+                if state is State.IN_PROGRESS and (oldest is None or float(reply[2]) < oldest[0]):
+                    oldest = (float(reply[2]), ns, key)
+        rows = tuple(StateCount(ns, st, n, expired)
+                     for (ns, st), (n, expired) in sorted(counts.items(),
+                                                          key=lambda i: (i[0][0], i[0][1].value)))
+        record = None if oldest is None else self._get(oldest[1], oldest[2])
+        return StoreStats(rows, record)
+
+
+# -- helpers ----------------------------------------------------------------------------------
+def _record(namespace: str, key: str, r: list[Any]) -> Record:
+    """A `Record` from a script reply: [code, v, s, f, r, t, l, c, d, e]."""
+    f, t, lease, done = r[3], r[5], r[6], r[8]
+    return Record(
+        namespace, key, _STATES[r[2]],
+        None if f is None else f.decode("utf-8", "surrogatepass"),
+        r[4],
+        None if t is None else t.decode(),
+        None if lease is None else float(lease),
+        float(r[7]),
+        None if done is None else float(done),
+        float(r[9]),
+    )
+
+
+def _check_text(what: str, value: Any) -> None:
+    if not isinstance(value, str):
+        raise TypeError(f"a {what} must be str, not {type(value).__qualname__}")
+    if not value:
+        raise ValueError(f"a {what} must not be empty")
+    if len(value) > MAX_KEY_LENGTH:
+        raise ValueError(
+            f"a {what} of {len(value)} characters is over the store's limit of "
+            f"{MAX_KEY_LENGTH}; hash it (as @idempotent does for anything over 128)"
+        )
+
+
+def _glob_escape(raw: bytes) -> bytearray:
+    out = bytearray()
+    for b in raw:
+        if b in _GLOB_SPECIAL:
+            out.append(0x5C)  # backslash
+        out.append(b)
+    return out
+
+
+def _decodes(client: Any) -> bool:
+    get = getattr(client, "get_encoder", None) or client.connection_pool.get_encoder
+    return bool(get().decode_responses)
+
+
+def _client_from_url(url: str, cluster: bool, use_asyncio: bool, options: dict[str, Any]) -> Any:
+    options = {**options, "decode_responses": False}
+    if cluster:
+        cls: Any = redis.asyncio.cluster.RedisCluster if use_asyncio else redis.cluster.RedisCluster
+    else:
+        cls = redis.asyncio.Redis if use_asyncio else redis.Redis
+    return cls.from_url(url, **options)
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+def _await_only(awaitable: Any) -> Any:
+    return await_only(awaitable)
+
+
+def _iterate(agen: Any) -> Iterator[Any]:
+    """An async iterator walked from inside the greenlet bridge."""
+    while True:
+        try:
+            yield _await_only(agen.__anext__())
+        except StopAsyncIteration:
+            return
