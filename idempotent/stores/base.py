@@ -14,7 +14,16 @@ import os
 import time
 from collections.abc import Callable, Iterable
 
-from .._record import Claimed, Completed, InProgress, Outcome, Record, State, StoreStats
+from .._record import (
+    Claimed,
+    Completed,
+    InProgress,
+    Outcome,
+    Record,
+    State,
+    StateCount,
+    StoreStats,
+)
 from ..exceptions import LeaseLost
 
 # Module constants: reading an enum member off its class costs ~70 ns in Python 3.11.
@@ -207,6 +216,38 @@ def outcome_of(record: Record, token: str, now: float) -> Outcome:
         assert lease_until is not None
         return Claimed(token, lease_until)
     return InProgress(record)
+
+
+def purgeable(record: Record, now: float, created_before: float | None) -> bool:
+    """May `Store.purge` delete this record? Expired (or created before
+    ``created_before``), and not an in-progress record whose lease is live."""
+    if record.expires_at > now and (created_before is None or record.created_at >= created_before):
+        return False
+    return not (
+        record.state is _IN_PROGRESS
+        and record.lease_until is not None
+        and record.lease_until > now
+    )
+
+
+def count_states(records: Iterable[Record], now: float) -> StoreStats:
+    """`StoreStats` of ``records``, for stores that can list them (memory)."""
+    counts: dict[tuple[str, State], list[int]] = {}
+    oldest: Record | None = None
+    for r in records:
+        slot = counts.setdefault((r.namespace, r.state), [0, 0])
+        slot[0] += 1
+        slot[1] += r.expires_at <= now
+        if r.state is _IN_PROGRESS and (oldest is None or r.created_at < oldest.created_at):
+            oldest = r
+    return StoreStats(
+        tuple(
+            StateCount(ns, state, n, expired)
+            for (ns, state), (n, expired) in sorted(counts.items(), key=lambda kv: (
+                kv[0][0], kv[0][1].value))
+        ),
+        oldest,
+    )
 
 
 def claimable(record: Record | None, now: float) -> bool:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import threading
 
-from .._record import Claimed, Outcome, Record, State
-from .base import Store, claimable, outcome_of
+from .._record import Claimed, Outcome, Record, State, StoreStats
+from .base import Store, claimable, count_states, outcome_of, purgeable
 
 _IN_PROGRESS = State.IN_PROGRESS
 
@@ -83,6 +83,31 @@ class MemoryStore(Store):
     def _get(self, namespace: str, key: str) -> Record | None:
         with self._lock:
             return self._records.get((namespace, key))
+
+    def _purge(
+        self, now: float, created_before: float | None, namespace: str | None, batch: int
+    ) -> int:
+        total = 0
+        while True:  # one step under the lock per batch, so claims interleave
+            with self._lock:
+                doomed = []
+                for (ns, key), record in self._records.items():
+                    if (namespace is None or ns == namespace) and purgeable(
+                            record, now, created_before):
+                        doomed.append((ns, key))
+                        if len(doomed) == batch:
+                            break
+                for slot in doomed:
+                    del self._records[slot]
+            total += len(doomed)
+            if len(doomed) < batch:
+                return total
+
+    def _stats(self, now: float, namespace: str | None) -> StoreStats:
+        with self._lock:
+            records = [r for r in self._records.values()
+                       if namespace is None or r.namespace == namespace]
+        return count_states(records, now)
 
     def __len__(self) -> int:
         return len(self._records)

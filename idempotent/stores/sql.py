@@ -27,7 +27,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
 from .._keys import fit
-from .._record import Claimed, Outcome, Record, State
+from .._record import Claimed, Outcome, Record, State, StateCount, StoreStats
 from . import _sql_schema
 from ._pg_fast import PgFastPath, raise_if_lock_timeout
 from .base import DEFAULT_TTL, Store, outcome_of
@@ -311,6 +311,66 @@ class SqlStore(Store):
         except sa.exc.IntegrityError:
             return False
         return True
+
+    # -- operations: purge and stats --------------------------------------------------------
+    def _purge(
+        self, now: float, created_before: float | None, namespace: str | None, batch: int
+    ) -> int:
+        """One autocommit DELETE per batch. PostgreSQL: the batch is picked with
+        ``FOR UPDATE SKIP LOCKED``, so rows a worker (or another purge) holds are skipped,
+        and a row a worker took over meanwhile is checked again once locked; SQLite runs
+        one writer at a time, so each statement sees the rows as they are."""
+        t = self.table
+        doomed = t.c.expires_at <= _P("now")
+        if created_before is not None:
+            doomed = doomed | (t.c.created_at < _P("before"))
+        doomed = doomed & (
+            (t.c.state != State.IN_PROGRESS.value)
+            | t.c.lease_until.is_(None)
+            | (t.c.lease_until <= _P("now"))
+        )
+        if namespace is not None:
+            doomed = doomed & (t.c.namespace == _P("ns"))
+        pick = (
+            sa.select(t.c.namespace, t.c.key).where(doomed).limit(_P("n"))
+            .with_for_update(skip_locked=True)
+        )
+        # the condition again on the DELETE itself: cheap, and it holds without the lock
+        stmt = sa.delete(t).where(sa.tuple_(t.c.namespace, t.c.key).in_(pick) & doomed)
+        params = {"now": now, "before": created_before, "ns": namespace, "n": batch}
+        total = 0
+        with self._autocommit.connect() as conn:
+            while True:
+                deleted = conn.execute(stmt, params).rowcount
+                total += deleted
+                if deleted < batch:
+                    return total
+
+    def _stats(self, now: float, namespace: str | None) -> StoreStats:
+        t = self.table
+        expired = sa.func.sum(sa.case((t.c.expires_at <= _P("now"), 1), else_=0))
+        counts = (
+            sa.select(t.c.namespace, t.c.state, sa.func.count(), expired)
+            .group_by(t.c.namespace, t.c.state)
+            .order_by(t.c.namespace, t.c.state)
+        )
+        oldest = (
+            sa.select(*[t.c[c] for c in _sql_schema.COLUMNS])
+            .where(t.c.state == State.IN_PROGRESS.value)
+            .order_by(t.c.created_at)
+            .limit(1)
+        )
+        if namespace is not None:
+            counts = counts.where(t.c.namespace == _P("ns"))
+            oldest = oldest.where(t.c.namespace == _P("ns"))
+        params = {"now": now, "ns": namespace}
+        with self._autocommit.connect() as conn:
+            rows = conn.execute(counts, params).all()
+            first = conn.execute(oldest, params).first()
+        return StoreStats(
+            tuple(StateCount(ns, State(st), int(n), int(exp or 0)) for ns, st, n, exp in rows),
+            None if first is None else _to_record(first),
+        )
 
     # -- transactional mode -------------------------------------------------------------
     @contextmanager
