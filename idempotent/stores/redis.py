@@ -42,7 +42,9 @@ try:
     import redis
     import redis.asyncio
     import redis.asyncio.cluster
+    import redis.asyncio.retry
     import redis.cluster
+    import redis.retry
     from redis.crc import key_slot
     from redis.exceptions import NoScriptError, ResponseError
     from sqlalchemy.util import await_only
@@ -87,6 +89,7 @@ _COMPLETE = _Script(lua.COMPLETE)
 _RELEASE = _Script(lua.RELEASE)
 _RENEW = _Script(lua.RENEW)
 _PURGE = _Script(lua.PURGE)
+_SCRIPTS = (_CLAIM, _CLAIM_MANY, _COMPLETE, _RELEASE, _RENEW, _PURGE)
 
 
 def _ms(seconds: float) -> int:
@@ -102,8 +105,9 @@ class RedisStore(Store):
     and password as ``redis://user:password@host``), or a client: ``redis.Redis``,
     ``redis.asyncio.Redis``, ``redis.cluster.RedisCluster`` or its asyncio twin. A URL
     makes a ``redis.Redis`` (``cluster=True``: a ``RedisCluster``; ``use_asyncio=True``:
-    the asyncio variant), with ``client_options`` passed to its ``from_url``. Clients
-    must not decode responses (results are bytes).
+    the asyncio variant), with ``client_options`` passed to its ``from_url``; unless they
+    give ``retry=``, a standalone client reconnects once at once and leaves further
+    attempts to the decorator's retry policy. Clients must not decode responses.
 
     ``prefix`` starts every key name. ``max_result_bytes`` bounds a stored result: a
     larger one is refused by `complete` with `ResultNotSerializable` and the claim is
@@ -152,6 +156,12 @@ class RedisStore(Store):
     def __repr__(self) -> str:
         kind = ("async " if self.is_async else "") + ("cluster" if self.is_cluster else "")
         return f"<RedisStore prefix={self.prefix!r} {kind}{self.client!r}>"
+
+    def load_scripts(self) -> None:
+        """``SCRIPT LOAD`` every script (on every primary of a cluster), so that the first
+        calls skip the NOSCRIPT round trip; optional, e.g. at worker start-up."""
+        for script in _SCRIPTS:
+            self._wait(self.client.execute_command("SCRIPT LOAD", script.text))
 
     def close(self) -> None:
         """Close the client's connections (a client passed in is the caller's to close)."""
@@ -495,8 +505,16 @@ def _client_from_url(url: str, cluster: bool, use_asyncio: bool, options: dict[s
     options = {**options, "decode_responses": False}
     if cluster:
         cls: Any = redis.asyncio.cluster.RedisCluster if use_asyncio else redis.cluster.RedisCluster
-    else:
-        cls = redis.asyncio.Redis if use_asyncio else redis.Redis
+        return cls.from_url(url, **options)
+    if "retry" not in options:
+        # One immediate reconnect (a pooled connection gone stale after a server restart);
+        # backing off and giving up is the decorator's tenacity policy's job, not a second
+        # retry loop's inside the client (redis-py's default makes up to 10 attempts).
+        from redis.backoff import NoBackoff
+
+        retry_cls: Any = redis.asyncio.retry.Retry if use_asyncio else redis.retry.Retry
+        options["retry"] = retry_cls(NoBackoff(), 1)
+    cls = redis.asyncio.Redis if use_asyncio else redis.Redis
     return cls.from_url(url, **options)
 
 
