@@ -1,8 +1,9 @@
 """The ``idempotent`` command line.
 
 Each subcommand is one ``_add_<name>`` function that declares its arguments and sets
-``run`` to a function ``(args) -> exit code``; its module is imported only when it runs,
-so ``idempotent --help`` stays quick.
+``run`` to a function ``(args) -> exit code``. The demo's module is imported only when it
+runs; the operations commands (``db``, ``inspect``, ``purge``, ``stats``) live in
+`idempotent._ops`, which imports SQLAlchemy and Alembic only inside the commands.
 """
 
 from __future__ import annotations
@@ -68,6 +69,84 @@ def _run_demo(args: argparse.Namespace) -> int:
                      db=args.db, url=args.url, progress=args.progress, sabotage=args.sabotage)
 
 
+def _store_options(p: argparse.ArgumentParser) -> None:
+    """``--url`` and ``--json``, shared by the operations commands."""
+    p.add_argument("--url", help="the store: a SQLAlchemy URL (sqlite:///idem.db, "
+                   "postgresql+psycopg://user@host/db) or redis://host:port "
+                   "(default: $IDEMPOTENT_URL)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _add_db(sub: Any) -> None:
+    from . import _ops
+
+    p = sub.add_parser(
+        "db", help="create or migrate the records table (Alembic)",
+        description="Run idempotent's own Alembic history against a SQL database. It "
+        "records itself in its own version table, idempotent_alembic_version, so it never "
+        "meets your application's Alembic history.")
+    actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    up = actions.add_parser("upgrade", help="migrate to REVISION (default: the newest)")
+    up.add_argument("revision", nargs="?", default="heads", metavar="REVISION")
+    down = actions.add_parser("downgrade",
+                              help="migrate down to REVISION (base drops the table)")
+    down.add_argument("revision", metavar="REVISION")
+    current = actions.add_parser("current", help="show the revision the database is at")
+    for action in (up, down, current):
+        _store_options(action)
+        action.set_defaults(sql=False, run=_ops.run_db)
+    for action in (up, down):
+        action.add_argument("--sql", action="store_true",
+                            help="print the SQL instead of running it (downgrade: give "
+                            "REVISION as FROM:TO)")
+
+
+def _ops_parser(sub: Any, name: str, run: str, help_: str, description: str) -> Any:
+    """A subcommand run by ``idempotent._ops.<run>``, with ``--url`` and ``--json``."""
+    from . import _ops
+
+    p = sub.add_parser(name, help=help_, description=description)
+    _store_options(p)
+    p.set_defaults(run=getattr(_ops, run))
+    return p
+
+
+def _add_inspect(sub: Any) -> None:
+    p = _ops_parser(
+        sub, "inspect", "run_inspect", "show one key's record",
+        "Show the record of KEY in NAMESPACE: state, timestamps (UTC), lease owner and "
+        "deadline, payload fingerprint, result size (never the result itself). Exit "
+        "status 1 when there is no such record.")
+    p.add_argument("namespace", metavar="NAMESPACE")
+    p.add_argument("key", metavar="KEY", help="the key as the handler saw it (long keys are "
+                   "hashed the same way the decorator does)")
+    p.add_argument("--scope", help="the scope (tenant, client) the key was recorded under")
+
+
+def _add_purge(sub: Any) -> None:
+    from . import _ops
+
+    p = _ops_parser(
+        sub, "purge", "run_purge", "delete expired records, in batches",
+        "Delete expired records in batches, each its own short transaction. Safe while "
+        "workers run and while another purge runs; never deletes an in-progress record "
+        "whose lease is live.")
+    p.add_argument("--older-than", type=_ops.duration, metavar="AGE",
+                   help="also delete records created more than AGE ago, e.g. 7d, 12h, 30m, "
+                   "90 (seconds)")
+    p.add_argument("--namespace", metavar="NS", help="only this namespace")
+    p.add_argument("--batch", type=_positive, default=1000, metavar="N",
+                   help="records per transaction (default: %(default)s)")
+
+
+def _add_stats(sub: Any) -> None:
+    p = _ops_parser(
+        sub, "stats", "run_stats", "count records per namespace and state",
+        "Count records per namespace and state (and how many of them have expired), and "
+        "show the oldest in-progress record.")
+    p.add_argument("--namespace", metavar="NS", help="only this namespace")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser with every subcommand."""
     from . import __version__
@@ -79,6 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_demo(sub)
+    _add_db(sub)
+    _add_inspect(sub)
+    _add_purge(sub)
+    _add_stats(sub)
     return parser
 
 
