@@ -625,13 +625,28 @@ class RedisServer(_Server):
     def restart(self, *, kill: bool = False) -> None:
         """Stop the server by PID (SIGKILL if ``kill``, else a clean shutdown) and start it
         again on the same port, with the same checks as `start`. Its data is gone (no
-        persistence), as after a crash of a cache-only Redis."""
+        persistence), as after a crash of a cache-only Redis, unless ``extra_args`` turned
+        persistence on (``--appendonly yes``)."""
+        self.crash(kill=kill)
+        self.revive()
+
+    def crash(self, *, kill: bool = True) -> None:
+        """Stop the server by PID (SIGKILL unless ``kill=False``) and leave it down, its
+        port and directory kept for `revive` (an AOF in ``extra_args`` survives)."""
         proc = self._proc
         if proc is None:
             raise ServerError("server not started")
         _stop_process(proc, signal.SIGKILL if kill else self.stop_signal, STOP_TIMEOUT)
         self._proc = None
-        self._spawn(self.binary or find_redis_server(), self.port)
+
+    def revive(self) -> None:
+        """Start a crashed server again on the same port, with the checks of `start`.
+        Call it from the main thread: the server dies with the thread that started it."""
+        if self._proc is not None:
+            raise ServerError("server is running")
+        if self._port is None or self._dir is None:
+            raise ServerError("server never started")
+        self._spawn(self.binary or find_redis_server(), self._port)
 
     def command(self, *args: str | bytes, timeout: float = 5.0) -> bytes:
         """Send one command over a new connection; return the raw RESP reply."""
