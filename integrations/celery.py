@@ -1,0 +1,384 @@
+"""Celery tasks that run once per idempotency key, on workers that crash and redeliver.
+
+Two ways to declare one; both give the same task class::
+
+    from idempotent.integrations.celery import IdempotentTask, idempotent_task
+
+    @idempotent_task(app, store, key="payment_id")           # the decorator
+    def apply_payment(payment: dict, session: Session) -> dict: ...
+
+    @app.task(base=IdempotentTask, idempotency_store=store,  # or Celery's own decorator
+              idempotency_key="payment_id")
+    def apply_payment(payment: dict, session: Session) -> dict: ...
+
+What the task does, per delivery (in ``__call__``, which runs in the worker's pool child):
+
+* the key is the **task id** by default (Celery keeps it across retries and redeliveries),
+  or a business key taken from the task's arguments (``key=``);
+* a task that takes ``session`` or ``connection``, with a `SqlStore`, runs in
+  **transactional mode**: its writes and the key commit in one transaction; any other task
+  runs in **lease mode**;
+* a **duplicate** returns the stored result; the body does not run;
+* `AlreadyInProgress` (another worker holds the key) becomes ``self.retry`` with the
+  countdown the store gives (``retry_after``); `StoreUnavailable` becomes a retry with
+  exponential backoff. Neither counts against the task's ``max_retries``, since neither is
+  the message's fault; both publish a new message before the current one is acked, and if
+  that publish fails the message is requeued, never acked as done;
+* **bad input** (`MissingIdempotencyKey`, `IdempotencyKeyConflict`, a key of the wrong
+  type) fails the task at once: FAILURE with the error in the result backend, an ERROR line
+  in the worker log, ``task_failure`` sent, the message acked. No retry can fix the
+  input, so it is not retried; it is not dropped silently either.
+
+Defaults: ``acks_late=True`` and ``reject_on_worker_lost=True``, so a message is acked only
+after its task returned, and a pool child killed mid-task (SIGKILL, OOM) sends its message
+back to the queue. Run such workers with ``worker_prefetch_multiplier = 1``: a reserved but
+not started message is unacked too and is redelivered if the worker dies.
+
+Producer side: `send_once` publishes with a task id derived from a business key
+(`task_id_for`: a UUID5 of the task name and the key), so a double enqueue becomes two
+messages with one task id, which run the body once.
+"""
+
+from __future__ import annotations
+
+import copyreg
+import functools
+import inspect
+import os
+import random
+import sys
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar, cast
+
+try:
+    # celery ships no type hints
+    from celery import Celery, Task  # type: ignore[import-untyped]
+    from celery.exceptions import Reject  # type: ignore[import-untyped]
+    from celery.result import AsyncResult  # type: ignore[import-untyped]
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "idempotent.integrations.celery needs Celery: pip install 'idempotent[celery]'"
+    ) from exc
+
+import sqlalchemy as sa
+
+from idempotent import _keys
+from idempotent._canonical import canonical_json
+from idempotent._decorator import idempotent
+from idempotent.exceptions import (
+    AlreadyInProgress,
+    IdempotencyError,
+    MissingIdempotencyKey,
+    StoreUnavailable,
+)
+from idempotent.stores.base import Store
+
+__all__ = [
+    "TASK_ID_NAMESPACE",
+    "IdempotentTask",
+    "idempotent_task",
+    "send_once",
+    "task_id_for",
+]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: The UUID5 namespace of the task ids `task_id_for` derives. Never change it: every task
+#: id already sent would stop matching its redelivery's.
+TASK_ID_NAMESPACE = uuid.UUID("6f1c7b0e-3d2a-5e8b-9c41-7a0d2f5e8b13")
+
+_TX_PARAMS = ("session", "connection")
+#: The pid that imported this module: a pool child forked from it inherited the store's
+#: connection pool and must not use those connections (they belong to the parent).
+_IMPORT_PID = os.getpid()
+#: "No limit" for ``Task.retry(max_retries=...)``, where None means the task's own limit.
+_UNLIMITED = sys.maxsize
+
+StoreSpec = Store | Callable[[], Store]
+
+
+class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
+    """A Celery task that runs its body once per idempotency key.
+
+    Configure it with class attributes, or with the same names as keyword arguments of
+    ``app.task(base=IdempotentTask, ...)``:
+
+    * ``idempotency_store``: a `Store`, or a callable returning one (called once per worker
+      process, so a store can be built after the fork);
+    * ``idempotency_key``: None (the task id), the name of an argument of the task (or of an
+      item/attribute of its first argument), or a callable over the task's arguments;
+    * ``idempotency_options``: other keyword arguments of `idempotent` (``fingerprint``,
+      ``ttl``, ``lease``, ``retry``, ``serializer``, ``keep_failures``, ``heartbeat``,
+      ``optimistic``, ``scope``, ``namespace``; the namespace defaults to the task's name);
+    * ``idempotency_backoff`` / ``idempotency_backoff_max``: seconds of the first / the
+      longest retry countdown after `StoreUnavailable` (doubling, with jitter);
+    * ``idempotency_store_retries``: how many `StoreUnavailable` retries before the task
+      fails (None: until the store is back; the message is never acked as done meanwhile).
+    """
+
+    acks_late = True
+    reject_on_worker_lost = True
+
+    idempotency_store: StoreSpec | None = None
+    idempotency_key: str | Callable[..., Any] | None = None
+    idempotency_options: Mapping[str, Any] = {}
+    idempotency_backoff: float = 1.0
+    idempotency_backoff_max: float = 60.0
+    idempotency_store_retries: int | None = None
+
+    _idempotent_handler: Callable[..., Any] | None = None
+    _idempotent_pid: int | None = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # ``app.task`` checks the arguments of a call against the function's signature when
+        # it is sent; ``session``/``connection`` are given by the worker, not the caller.
+        header = cls.__dict__.get("__header__")
+        run = cls.__dict__.get("run")
+        if header is None or run is None:
+            return
+        fn = run.__func__ if isinstance(run, staticmethod) else run
+        given = [p for p in _TX_PARAMS if p in inspect.signature(fn).parameters]
+        if given:
+            check = header.__func__ if isinstance(header, staticmethod) else header
+            cls.__header__ = staticmethod(_without(check, given))
+
+    # -- the worker side ---------------------------------------------------------------
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        handler = self._handler()
+        if self.request_stack.top is not None:  # in a worker, or apply(): request is set
+            return self._deliver(handler, args, kwargs)
+        # called directly as a function: no task id, as Task.__call__ sets it up
+        self.push_request(args=args, kwargs=kwargs)
+        try:
+            return self._deliver(handler, args, kwargs)
+        finally:
+            self.pop_request()
+
+    def _deliver(self, handler: Callable[..., Any], args: tuple[Any, ...],
+                 kwargs: dict[str, Any]) -> Any:
+        try:
+            return handler(*args, **kwargs)
+        except AlreadyInProgress as exc:
+            # another delivery holds the key; come back when its lease or lock may be gone
+            countdown = max(exc.retry_after, 0.1) * random.uniform(1.0, 1.5)
+            raise self._retry_later(exc, countdown, None) from exc
+        except StoreUnavailable as exc:
+            n = self.request.retries or 0
+            countdown = min(self.idempotency_backoff * 2.0 ** min(n, 30),
+                            self.idempotency_backoff_max) * random.uniform(0.5, 1.0)
+            raise self._retry_later(exc, countdown, self.idempotency_store_retries) from exc
+
+    def _retry_later(self, exc: Exception, countdown: float, limit: int | None) -> Exception:
+        """``self.retry`` with our own limit; a failed publish requeues the message instead
+        of Celery's default (reject without requeue, which drops it)."""
+        if self.request.called_directly:  # no worker: nothing to retry with
+            return exc
+        max_retries = _UNLIMITED if limit is None else limit
+        try:
+            self.retry(exc=exc, countdown=countdown, max_retries=max_retries)
+        except Reject as rejected:
+            if not rejected.requeue:  # the retry could not be published
+                return cast(Exception, Reject(rejected.reason, requeue=True))
+            return cast(Exception, rejected)
+        except Exception as raised:  # Retry (the normal case) or the exhausted exc
+            return raised
+        return exc  # pragma: no cover - retry() always raises with throw=True
+
+    def _handler(self) -> Callable[..., Any]:
+        """The task body wrapped by `idempotent`, built once per process."""
+        pid = os.getpid()
+        if self._idempotent_handler is not None and self._idempotent_pid == pid:
+            return self._idempotent_handler
+        store = self._store()
+        if pid != _IMPORT_PID:
+            _forget_inherited_connections(store)
+        run = self.run
+
+        def body(*args: Any, **kwargs: Any) -> Any:
+            return run(*args, **kwargs)
+
+        functools.update_wrapper(body, run)  # the decorator sees run's own signature
+        options = {"namespace": self.name, **self.idempotency_options}
+        handler: Callable[..., Any] = idempotent(
+            store, key=self._key_spec(), **options)(body)
+        self._idempotent_handler, self._idempotent_pid = handler, pid
+        return handler
+
+    def _store(self) -> Store:
+        spec = self.idempotency_store
+        if spec is None:
+            raise TypeError(
+                f"{self.name}: no idempotency_store; give app.task(base=IdempotentTask, "
+                "idempotency_store=...) or use idempotent_task(app, store)"
+            )
+        return spec if isinstance(spec, Store) else spec()
+
+    def _key_spec(self) -> Callable[..., Any]:
+        spec = self.idempotency_key
+        if spec is None:
+            request_stack = self.request_stack
+            return lambda *a, **kw: request_stack.top.id if request_stack.top else None
+        if callable(spec):
+            return spec
+        return _argument(self.run, spec)
+
+    # -- the producer side ---------------------------------------------------------------
+    def business_key(self, args: tuple[Any, ...] = (), kwargs: Mapping[str, Any] | None = None
+                     ) -> Any:
+        """The raw business key of a call with these arguments (``idempotency_key``)."""
+        spec = self.idempotency_key
+        if spec is None:
+            raise TypeError(f"{self.name} is keyed by its task id; pass send_once(key=...)")
+        extract = spec if callable(spec) else _argument(self.run, spec)
+        return extract(*args, **dict(kwargs or {}))
+
+
+def _without(check: Callable[..., Any], names: list[str]) -> Callable[..., Any]:
+    """The argument check of a task, with the worker-given parameters filled in."""
+    def check_call(*args: Any, **kwargs: Any) -> Any:
+        return check(*args, **{**dict.fromkeys(names), **kwargs})
+    return check_call
+
+
+def _argument(run: Callable[..., Any], name: str) -> Callable[..., Any]:
+    """The key named ``name``: a keyword argument, a positional argument of that name, or
+    an item/attribute of the first argument."""
+    try:
+        sig: inspect.Signature | None = inspect.signature(run)
+    except (TypeError, ValueError):
+        sig = None
+    positional = sig is not None and name in sig.parameters
+    of_message = _keys.extractor(name)
+
+    def key_of(*args: Any, **kwargs: Any) -> Any:
+        if name in kwargs:
+            return kwargs[name]
+        if positional and sig is not None:
+            try:
+                return sig.bind_partial(*args, **kwargs).arguments.get(name)
+            except TypeError:
+                return None
+        return of_message(*args, **kwargs) if args else None
+
+    return key_of
+
+
+def _forget_inherited_connections(store: Store) -> None:
+    """In a forked pool child: drop the pool the parent may have filled, without closing
+    the parent's connections (SQLAlchemy's recipe for multiprocessing)."""
+    engine = getattr(store, "engine", None)
+    if isinstance(engine, sa.Engine):
+        engine.dispose(close=False)
+
+
+def _rebuild_error(cls: type[IdempotencyError], args: tuple[Any, ...],
+                   state: dict[str, Any]) -> IdempotencyError:
+    exc = cls.__new__(cls, *args)
+    exc.__dict__.update(state)
+    return exc
+
+
+def _reduce_error(exc: IdempotencyError) -> tuple[Any, ...]:
+    return _rebuild_error, (type(exc), exc.args, dict(exc.__dict__))
+
+
+def _keep_error_types_through_pickle() -> None:
+    """Our errors take keyword-only data, which ``pickle``'s default (``cls(*args)``) cannot
+    give back; Celery then stores the nearest picklable base class (`IdempotencyError`)
+    instead of, say, `IdempotencyKeyConflict`. Rebuild them from their args and data."""
+    todo: list[type[IdempotencyError]] = [IdempotencyError]
+    while todo:
+        cls = todo.pop()
+        copyreg.pickle(cls, _reduce_error)
+        todo.extend(cls.__subclasses__())
+
+
+_keep_error_types_through_pickle()
+
+
+def idempotent_task(
+    app: Celery,
+    store: StoreSpec,
+    *,
+    key: str | Callable[..., Any] | None = None,
+    backoff: float = 1.0,
+    backoff_max: float = 60.0,
+    store_retries: int | None = None,
+    namespace: str | None = None,
+    scope: Callable[..., Any] | None = None,
+    fingerprint: Any = None,
+    ttl: float | None = None,
+    lease: float | None = None,
+    retry: Any = ...,
+    serializer: Any = None,
+    keep_failures: tuple[type[BaseException], ...] = (),
+    heartbeat: bool = True,
+    optimistic: bool = True,
+    **task_options: Any,
+) -> Callable[[F], Any]:
+    """``app.task(base=IdempotentTask, ...)`` with `idempotent`'s options spelled out.
+
+    ``key``: None for the task id, or the business key (see `IdempotentTask`). The
+    idempotency options mean what they mean for `idempotent`. Everything else
+    (``name=``, ``bind=``, ``queue=``, ``max_retries=`` ...) goes to ``app.task``; set
+    ``name=`` in production: it is also the key's namespace, so keep it stable.
+    """
+    options: dict[str, Any] = {
+        "scope": scope, "fingerprint": fingerprint, "lease": lease,
+        "serializer": serializer, "keep_failures": keep_failures, "heartbeat": heartbeat,
+        "optimistic": optimistic,
+    }
+    if namespace is not None:
+        options["namespace"] = namespace
+    if ttl is not None:
+        options["ttl"] = ttl
+    if retry is not ...:
+        options["retry"] = retry
+    task_options.setdefault("base", IdempotentTask)
+
+    def decorate(fn: F) -> Any:
+        return app.task(
+            idempotency_store=store, idempotency_key=key, idempotency_options=options,
+            idempotency_backoff=backoff, idempotency_backoff_max=backoff_max,
+            idempotency_store_retries=store_retries, **task_options,
+        )(fn)
+
+    return decorate
+
+
+def task_id_for(task: Task | str, key: Any) -> str:
+    """The task id a business key maps to: UUID5 of (task name, key). Stable across
+    processes, machines and releases."""
+    name = task if isinstance(task, str) else task.name
+    text = _keys.as_key_text(key)
+    if text is None:
+        raise MissingIdempotencyKey(
+            f"{name}: no business key to derive a task id from", namespace=name)
+    return str(uuid.uuid5(TASK_ID_NAMESPACE, canonical_json([name, text])))
+
+
+def send_once(
+    task: Task,
+    args: tuple[Any, ...] | list[Any] = (),
+    kwargs: Mapping[str, Any] | None = None,
+    *,
+    key: Any = None,
+    **options: Any,
+) -> AsyncResult:
+    """``task.apply_async`` with the task id `task_id_for` derives from the business key,
+    so sending the same payment twice gives one task id, and its body runs once.
+
+    ``key`` defaults to the task's own business key taken from ``args``/``kwargs``
+    (`IdempotentTask` with ``idempotency_key`` set). A call without a key raises
+    `MissingIdempotencyKey` here, before anything is sent.
+    """
+    if "task_id" in options:
+        raise TypeError("send_once derives the task id; do not pass task_id=")
+    if key is None:
+        if not isinstance(task, IdempotentTask):
+            raise TypeError("send_once(task, ...) needs key= for a task that is not idempotent")
+        key = task.business_key(tuple(args), kwargs)
+    return task.apply_async(tuple(args), dict(kwargs or {}), task_id=task_id_for(task, key),
+                            **options)

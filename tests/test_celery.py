@@ -1,0 +1,297 @@
+"""The Celery integration on real ``celery worker -P prefork`` processes, a real redis-server
+broker and PostgreSQL: duplicates, task-id keys, bad input, a pool child killed mid-task,
+and a countdown longer than the broker's visibility timeout."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import sqlalchemy as sa
+from _celery_app import apply_by_id, apply_payment, charge, metadata, plain_apply, psp_calls
+from _celery_app import psp_charges as psp_charges_table
+from _celery_harness import Broker, Worker, log_count, payments_rows, wait_until, worker_env
+from _servers import PostgresServer, RedisServer
+from celery import Celery
+from celery.backends.redis import RedisBackend
+from idempotent.integrations.celery import IdempotentTask, send_once, task_id_for
+from kombu import Connection
+
+from idempotent import MissingIdempotencyKey, SqlStore
+
+pytestmark = [pytest.mark.postgres, pytest.mark.slow]
+
+VISIBILITY = 3  # seconds; small, so redelivery happens in test time
+LEASE = 3  # lease of t.charge (lease mode)
+WAIT = 60.0  # deadline of every wait on a condition
+
+
+class Env:
+    """The servers, the worker and the producer side of this module."""
+
+    def __init__(self, broker: RedisServer, db_url: str, worker: Worker, marks: Path) -> None:
+        self.broker = broker
+        self.broker_url = broker.url_for(0)
+        self.engine = sa.create_engine(db_url)
+        self.worker = worker
+        self.marks = marks
+        self.app = Celery("producer")
+        self.backend = RedisBackend(app=self.app, url=broker.url_for(1))
+        self.queue = Broker(self.broker_url)
+
+    def connection(self) -> Connection:
+        return Connection(self.broker_url)
+
+    def send(self, task: Any, payment: dict[str, Any], **options: Any) -> str:
+        """Publish one message; return its task id."""
+        with self.connection() as conn:
+            return str(task.apply_async((payment,), connection=conn, **options).id)
+
+    def send_once(self, task: Any, payment: dict[str, Any], **options: Any) -> str:
+        with self.connection() as conn:
+            return str(send_once(task, (payment,), connection=conn, **options).id)
+
+    def meta(self, task_id: str) -> dict[str, Any]:
+        return dict(self.backend.get_task_meta(task_id))
+
+    def stored_error_type(self, task_id: str) -> str:
+        """The exception type as the worker stored it (before any client decodes it)."""
+        with redis.Redis.from_url(self.broker.url_for(1)) as results:
+            raw = json.loads(results.get(f"celery-task-meta-{task_id}") or b"{}")
+        return str(raw["result"]["exc_type"])
+
+    def wait_done(self, task_id: str) -> dict[str, Any]:
+        """The result meta once the task is SUCCESS or FAILURE."""
+        return wait_until(lambda: (m := self.meta(task_id))["status"] in ("SUCCESS", "FAILURE")
+                          and m, WAIT, f"task {task_id} done", describe=self.worker.log_tail)
+
+    def wait_drained(self) -> None:
+        """Until every message is acked (none ready, none unacked)."""
+        wait_until(self.queue.empty, WAIT, "broker drained",
+                   describe=lambda: f"{self.queue.counts()}\n{self.worker.log_tail()}")
+
+    def rows(self, task: str) -> dict[str, list[int]]:
+        return payments_rows(self.engine, task)
+
+
+@pytest.fixture(scope="module")
+def env(pg_server: PostgresServer) -> Iterator[Env]:
+    # our own temp dir: pytest prunes old basetemps, which other sessions on this machine
+    # may trigger while the workers still write their logs
+    tmp = Path(tempfile.mkdtemp(prefix="idem-celery-"))
+    logs, marks = tmp / "logs", tmp / "marks"
+    logs.mkdir()
+    marks.mkdir()
+    db = f"celery_{uuid.uuid4().hex[:8]}"
+    pg_server.create_database(db)
+    db_url = pg_server.url_for(db)
+    engine = sa.create_engine(db_url)
+    metadata.create_all(engine)
+    SqlStore(engine).create_schema()
+    engine.dispose()
+    broker = RedisServer().start()
+    worker = Worker("w1", worker_env(
+        broker=broker.url_for(0), backend=broker.url_for(1), db=db_url,
+        visibility=VISIBILITY, dedup=1, marks=marks, lease=LEASE,
+    ), logs, concurrency=4)
+    e = Env(broker, db_url, worker.start(), marks)
+    try:
+        worker.wait_ready()
+        yield e
+    finally:
+        worker.stop()
+        e.queue.close()
+        e.engine.dispose()
+        broker.stop()
+        pg_server.drop_database(db)
+        if not os.environ.get("IDEMPOTENT_KEEP_LOGS"):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def payment(**extra: Any) -> dict[str, Any]:
+    return {"payment_id": f"pay_{uuid.uuid4().hex[:12]}", "account": "acc_1", "cents": 1234,
+            **extra}
+
+
+def test_double_sends_run_the_body_once(env: Env) -> None:
+    """Three sends with the derived task id and two with random ids: one ledger row, and
+    every copy's result is the first one's."""
+    p = payment()
+    ids = {env.send_once(apply_payment, p) for _ in range(3)}
+    assert ids == {task_id_for(apply_payment, p["payment_id"])}
+    ids |= {env.send(apply_payment, p) for _ in range(2)}
+    results = [env.wait_done(t) for t in ids]
+    env.wait_drained()
+    assert {r["status"] for r in results} == {"SUCCESS"}
+    assert [r["result"] for r in results] == [{"applied": p["payment_id"], "cents": 1234}] * 3
+    assert env.rows("apply_payment")[p["payment_id"]] == [1234]
+
+
+def test_task_id_is_the_default_key(env: Env) -> None:
+    """Keyed by task id: two messages with one id apply once; another id applies again."""
+    p = payment()
+    tid = str(uuid.uuid4())
+    env.send(apply_by_id, p, task_id=tid)
+    env.send(apply_by_id, p, task_id=tid)
+    other = env.send(apply_by_id, p)
+    for t in (tid, other):
+        assert env.wait_done(t)["status"] == "SUCCESS"
+    env.wait_drained()
+    assert env.rows("apply_by_id")[p["payment_id"]] == [1234, 1234]
+
+
+def test_missing_business_key_fails_visibly_once(env: Env) -> None:
+    """No payment_id: FAILURE with MissingIdempotencyKey in the result backend, one error
+    in the worker log, the message acked (not requeued, not retried), nothing written."""
+    p = payment()
+    del p["payment_id"]
+    tid = env.send(apply_payment, p)
+    meta = env.wait_done(tid)
+    env.wait_drained()
+    assert meta["status"] == "FAILURE"
+    assert type(meta["result"]).__name__ == "MissingIdempotencyKey"
+    assert env.stored_error_type(tid) == "MissingIdempotencyKey"
+    assert "no idempotency key" in str(meta["result"])
+    assert meta["retries"] == 0
+    assert log_count([env.worker], f"t.apply_payment[{tid}] raised unexpected") == 1
+    # the producer helper refuses before sending anything
+    with pytest.raises(MissingIdempotencyKey):
+        env.send_once(apply_payment, p)
+
+
+def test_same_key_other_arguments_is_a_conflict_not_a_retry(env: Env) -> None:
+    """Same payment_id, other amount: FAILURE with IdempotencyKeyConflict, no retry, the
+    first payment's row untouched."""
+    p = payment()
+    first = env.send(apply_payment, p)
+    assert env.wait_done(first)["status"] == "SUCCESS"
+    second = env.send(apply_payment, {**p, "cents": 9999})
+    meta = env.wait_done(second)
+    env.wait_drained()
+    assert meta["status"] == "FAILURE"
+    assert env.stored_error_type(second) == "IdempotencyKeyConflict"
+    assert "was first used with another payload" in str(meta["result"])
+    assert meta["retries"] == 0
+    assert log_count([env.worker], f"t.apply_payment[{second}] raised unexpected") == 1
+    assert log_count([env.worker], f"t.apply_payment[{second}] retry") == 0
+    assert env.rows("apply_payment")[p["payment_id"]] == [1234]
+
+
+def _kill_the_hanging_child(env: Env, payment_id: str) -> int:
+    """Wait for the first run's mark, SIGKILL that pool child; return its pid."""
+    mark = wait_until(lambda: next(env.marks.glob(f"{payment_id}.*"), None), WAIT,
+                      f"{payment_id} running", describe=env.worker.log_tail)
+    pid = int(mark.suffix[1:])
+    assert pid in env.worker.children()  # a pool child of the worker this module started
+    os.kill(pid, signal.SIGKILL)
+    return pid
+
+
+def test_child_killed_mid_task_applies_once(env: Env) -> None:
+    """Transactional: the child dies after its INSERT, before COMMIT; reject_on_worker_lost
+    requeues the message and the redelivered copy applies the payment once."""
+    p = payment(hang_once=True)
+    tid = env.send_once(apply_payment, p)
+    killed = _kill_the_hanging_child(env, p["payment_id"])
+    meta = env.wait_done(tid)
+    env.wait_drained()
+    assert meta["status"] == "SUCCESS", meta
+    assert env.rows("apply_payment")[p["payment_id"]] == [1234]
+    with env.engine.connect() as c:
+        pids = c.execute(sa.text("SELECT pid FROM celery_ledger WHERE payment_id = :p"),
+                         {"p": p["payment_id"]}).scalars().all()
+    assert pids != [killed]  # the row is the redelivered copy's, in another child
+    lost = f"pid:{killed} exited with 'signal 9 (SIGKILL)'"  # seen by the worker: requeued
+    assert log_count([env.worker], lost) == 1, env.worker.log_tail(40)
+
+
+def test_child_killed_mid_task_lease_mode(env: Env) -> None:
+    """Lease mode: the killed child's lease stays until it runs out, so the redelivered copy
+    gets AlreadyInProgress and is retried with a countdown, then takes the key over. The
+    body ran twice (the honest limit of lease mode); the provider, which dedups by the
+    key the task passed it (current_key()), charged once."""
+    p = payment(hang_once=True)
+    tid = env.send_once(charge, p)
+    _kill_the_hanging_child(env, p["payment_id"])
+    meta = env.wait_done(tid)
+    env.wait_drained()
+    assert meta["status"] == "SUCCESS", meta
+    assert meta["result"] == {"charged": p["payment_id"], "cents": 1234}
+    key = p["payment_id"]
+    with env.engine.connect() as c:
+        calls = c.execute(sa.select(sa.func.count()).where(psp_calls.c.idem_key == key)).scalar()
+        charges = c.execute(sa.select(psp_charges_table.c.cents)
+                            .where(psp_charges_table.c.idem_key == key)).scalars().all()
+    assert calls == 2
+    assert charges == [1234]
+    assert log_count([env.worker], f"t.charge[{tid}] retry: Retry in") >= 1
+
+
+def test_in_progress_duplicate_is_retried_then_replayed(env: Env) -> None:
+    """A second message of a payment whose first run holds the lease is retried with a
+    countdown (AlreadyInProgress), then gets the stored result; the body runs once."""
+    p = payment(hold=2)
+    first = env.send(charge, p)
+    wait_until(lambda: log_count([env.worker], f"t.charge[{first}] received"), WAIT,
+               "first received")
+    second = env.send(charge, p)
+    results = [env.wait_done(t) for t in (first, second)]
+    env.wait_drained()
+    assert [r["status"] for r in results] == ["SUCCESS", "SUCCESS"]
+    assert results[0]["result"] == results[1]["result"]
+    assert results[1]["retries"] >= 1
+    with env.engine.connect() as c:
+        calls = c.execute(sa.select(sa.func.count())
+                          .where(psp_calls.c.idem_key == p["payment_id"])).scalar()
+    assert calls == 1
+
+
+def test_countdown_longer_than_visibility_timeout(env: Env) -> None:
+    """Celery #3270/#4400: a countdown longer than the visibility timeout makes the broker
+    hand the waiting message out again and again; every copy runs at the ETA. Our task
+    writes one row. The plain acks_late task, in the same worker with
+    worker_deduplicate_successful_tasks on, writes one row per copy that started before
+    the first one succeeded: at least two."""
+    countdown = 3 * VISIBILITY + 1
+    ours, plain = payment(hold=1), payment(hold=1)
+    t_ours = env.send_once(apply_payment, ours, countdown=countdown)
+    t_plain = env.send(plain_apply, plain, countdown=countdown)
+    for t in (t_ours, t_plain):
+        assert env.wait_done(t)["status"] == "SUCCESS"
+    env.wait_drained()
+    copies_ours = log_count([env.worker], f"t.apply_payment[{t_ours}] received")
+    copies_plain = log_count([env.worker], f"t.plain_apply[{t_plain}] received")
+    plain_rows = env.rows("plain_apply")[plain["payment_id"]]
+    print(f"\ncountdown {countdown}s, visibility {VISIBILITY}s: idempotent task "
+          f"{copies_ours} copies -> {len(env.rows('apply_payment')[ours['payment_id']])} row; "
+          f"plain task with worker_deduplicate_successful_tasks {copies_plain} copies -> "
+          f"{len(plain_rows)} rows")
+    assert copies_ours >= 2 and copies_plain >= 2  # the broker did redeliver
+    assert env.rows("apply_payment")[ours["payment_id"]] == [1234]
+    assert len(plain_rows) >= 2
+
+
+def test_direct_call_and_idempotent_task_checks() -> None:
+    """Called as a plain function there is no task id: MissingIdempotencyKey; a task that
+    takes `connection` can be sent without it (the worker supplies it); a business key
+    maps to one task id, whatever process computes it."""
+    with pytest.raises(MissingIdempotencyKey):
+        apply_by_id({"payment_id": "x", "account": "a", "cents": 1})
+    apply_payment.__header__({"payment_id": "x"})  # no TypeError for the missing connection
+    with pytest.raises(TypeError):
+        apply_payment.__header__()
+    assert task_id_for("t.apply_payment", "pay_1") == task_id_for(apply_payment, "pay_1")
+    assert task_id_for("t.apply_payment", "pay_1") != task_id_for("t.apply_by_id", "pay_1")
+    assert isinstance(apply_payment, IdempotentTask) and apply_payment.acks_late
+    assert apply_payment.reject_on_worker_lost
+    with pytest.raises(TypeError, match="task id"):
+        send_once(apply_by_id, ({"payment_id": "x"},))
