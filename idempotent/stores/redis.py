@@ -92,10 +92,14 @@ _PURGE = _Script(lua.PURGE)
 _SCRIPTS = (_CLAIM, _CLAIM_MANY, _COMPLETE, _RELEASE, _RENEW, _PURGE)
 
 
+#: Added to a native expiry (milliseconds): the grace, and 1 for int()'s rounding down,
+#: so Redis never removes a record before its deadline.
+_GRACE_MS = lua.GRACE_MS + 1
+
+
 def _ms(seconds: float) -> int:
-    """A native expiry (milliseconds, relative) for a deadline ``seconds`` away: never
-    earlier than the deadline, plus the grace."""
-    return max(1, int(seconds * 1000) + 1 + lua.GRACE_MS)
+    """A native expiry (milliseconds, relative) for a deadline ``seconds`` away."""
+    return int(seconds * 1000) + _GRACE_MS
 
 
 class RedisStore(Store):
@@ -204,11 +208,12 @@ class RedisStore(Store):
     # -- running scripts ----------------------------------------------------------------
     def _eval(self, script: _Script, numkeys: int, *args: Any) -> Any:
         """One script call: ``EVALSHA``, or ``EVAL`` (which caches it) after NOSCRIPT."""
-        client, wait = self.client, self._wait
+        client = self.client
         try:
-            return wait(client.execute_command("EVALSHA", script.sha, numkeys, *args))
+            reply = client.execute_command("EVALSHA", script.sha, numkeys, *args)
+            return await_only(reply) if self.is_async else reply
         except NoScriptError:
-            return wait(client.execute_command("EVAL", script.text, numkeys, *args))
+            return self._wait(client.execute_command("EVAL", script.text, numkeys, *args))
 
     def _eval_each(self, calls: list[tuple[_Script, int, tuple[Any, ...]]]) -> list[Any]:
         """Several script calls in one pipeline (one round trip per node); the ones the
@@ -257,12 +262,14 @@ class RedisStore(Store):
     ) -> Outcome | None:
         """One ``EVALSHA``: claim, take over, or report the record, atomically."""
         name = self.key_name(namespace, key)
-        ms = _ms(lease_until - now)
+        ms = int((lease_until - now) * 1000) + _GRACE_MS
         if fingerprint is None:
             reply = self._eval(_CLAIM, 1, name, now, token, lease_until, expires_at, ms)
         else:
             reply = self._eval(
                 _CLAIM, 1, name, now, token, lease_until, expires_at, ms, fingerprint)
+        if reply[0] == _CLAIMED:  # the common case first
+            return Claimed(token, lease_until)
         return self._outcome(namespace, key, token, lease_until, reply)
 
     def _outcome(
@@ -311,29 +318,6 @@ class RedisStore(Store):
                                                reply)
         return {k: out[k] for k in unique}
 
-    def complete(
-        self,
-        namespace: str,
-        key: str,
-        token: str,
-        result: bytes | None,
-        *,
-        ttl: float = DEFAULT_TTL,
-        state: State = State.COMPLETED,
-    ) -> None:
-        """As `Store.complete`; a result over ``max_result_bytes`` releases the claim and
-        raises `ResultNotSerializable` (nothing stored)."""
-        if result is not None and len(result) > self.max_result_bytes:
-            self.release(namespace, key, token)
-            raise ResultNotSerializable(
-                f"{namespace}: result for key {key!r} is {len(result):,} bytes, over the "
-                f"store's max_result_bytes={self.max_result_bytes:,}; not stored, claim "
-                "released",
-                namespace=namespace,
-                key=key,
-            )
-        super().complete(namespace, key, token, result, ttl=ttl, state=state)
-
     def _complete(
         self,
         namespace: str,
@@ -344,13 +328,27 @@ class RedisStore(Store):
         now: float,
         expires_at: float,
     ) -> bool:
-        """One ``EVALSHA``; stores the result only while ``token`` owns the key."""
-        name, code, ms = self.key_name(namespace, key), _CODES[state], _ms(expires_at - now)
+        """One ``EVALSHA``; stores the result only while ``token`` owns the key. A result
+        over ``max_result_bytes`` releases the claim and raises `ResultNotSerializable`:
+        nothing is stored, a redelivery can run again."""
+        name = self.key_name(namespace, key)
+        code, ms = _CODES[state], int((expires_at - now) * 1000) + _GRACE_MS
         if result is None:
             done = self._eval(_COMPLETE, 1, name, token, code, now, expires_at, ms)
         else:
+            if len(result) > self.max_result_bytes:
+                self._too_big(namespace, key, token, len(result))
             done = self._eval(_COMPLETE, 1, name, token, code, now, expires_at, ms, result)
-        return self._owned(namespace, key, done)
+        return done == 1 or self._owned(namespace, key, done)
+
+    def _too_big(self, namespace: str, key: str, token: str, size: int) -> None:
+        self.release(namespace, key, token)
+        raise ResultNotSerializable(
+            f"{namespace}: result for key {key!r} is {size:,} bytes, over the store's "
+            f"max_result_bytes={self.max_result_bytes:,}; not stored, claim released",
+            namespace=namespace,
+            key=key,
+        )
 
     def _release(self, namespace: str, key: str, token: str) -> bool:
         """One ``EVALSHA``: deletes the in-progress record ``token`` owns."""

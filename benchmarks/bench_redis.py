@@ -1,0 +1,381 @@
+"""RedisStore against aws-lambda-powertools' Redis persistence layer, same Redis, same run.
+
+The script starts its own redis-server on 127.0.0.1 (``tests/_servers.py``, no
+persistence) and measures, interleaved in rounds (medians, per-round ratios):
+
+* ``first-time key``: ``@idempotent(RedisStore(...), key="id", lease=30)`` against
+  powertools' ``@idempotent_function(persistence_store=RedisCachePersistenceLayer(...))``,
+  a new key on every call (ours: claim + complete; theirs: SET NX + SET).
+* ``duplicate key``: the same handlers called with keys they already completed.
+* ``batch``: ``RedisStore.claim_many`` of 100 keys against 100 sequential
+  ``RedisStore.claim`` calls (messages per second).
+
+Both decorators get the same payload ({"id", "account", "cents"}) and handler; ours
+fingerprints the whole payload (its default, SHA-256 of canonical JSON), theirs hashes
+the key only (MD5; payload validation off, as its Redis layer loses the validation hash
+on completion). Both use redis-py with hiredis, one client each, ``ttl`` 1 hour.
+
+Then, outside the timed rounds:
+
+* **commands per call**, from ``INFO commandstats`` after ``CONFIG RESETSTAT``: what
+  the client sends (ours: EVALSHA) and, for ours, the commands the scripts run inside
+  Redis, listed apart;
+* **Python overhead per call**, with an in-process fake client for each library (no
+  socket, no redis-py): a dict that answers exactly the calls each library makes (ours:
+  ``execute_command("EVALSHA", ...)`` of the claim and complete scripts; theirs:
+  ``set``/``get``/``delete``), each fake doing one dict look-up or store per command and
+  replying in the types real redis-py would return. Overhead = decorated call minus the
+  bare handler, per round, median.
+
+Run: ``.venv/bin/python benchmarks/bench_redis.py [--quick] [--json] [--rounds R] [--n N]``
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import statistics
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import _common as C  # sets up sys.path first
+import redis
+from _servers import RedisServer
+
+from idempotent import idempotent
+from idempotent.stores import _redis_scripts as lua
+from idempotent.stores.redis import RedisStore
+
+TARGET_FIRST = 1.2
+TARGET_DUP = 2.5
+TARGET_OVERHEAD_US = 15.0
+BATCH = 100
+
+
+def ours_handler(msg: dict[str, Any]) -> dict[str, Any]:
+    return {"status": "ok", "id": msg["id"]}
+
+
+def theirs_handler(msg: dict[str, Any]) -> dict[str, Any]:
+    return {"status": "ok", "id": msg["id"]}
+
+
+def _stub_boto3() -> None:
+    """Powertools' idempotency package imports its DynamoDB layer, hence boto3, on import;
+    boto3 is not installed here and the Redis layer never uses it: empty stand-ins for the
+    three names that module imports let the package load."""
+    import sys
+    import types
+
+    try:
+        import boto3  # noqa: F401
+        return
+    except ImportError:
+        pass
+    client_error = type("ClientError", (Exception,), {})
+    names: dict[str, dict[str, Any]] = {
+        "boto3": {}, "boto3.dynamodb": {}, "boto3.dynamodb.types": {"TypeDeserializer": object},
+        "botocore": {}, "botocore.exceptions": {"ClientError": client_error},
+    }
+    for name, attrs in names.items():
+        mod = types.ModuleType(name)
+        mod.__dict__.update(attrs)
+        sys.modules.setdefault(name, mod)
+
+
+def powertools(client: Any) -> Callable[..., Any]:
+    """Powertools' ``idempotent_function`` over its Redis layer with ``client``."""
+    _stub_boto3()
+    from aws_lambda_powertools.utilities.idempotency import IdempotencyConfig, idempotent_function
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # renamed CachePersistenceLayer
+        from aws_lambda_powertools.utilities.idempotency.persistence.redis import (
+            RedisCachePersistenceLayer,
+        )
+
+        layer = RedisCachePersistenceLayer(client=client)
+    config = IdempotencyConfig(event_key_jmespath="id", expires_after_seconds=3600)
+    return idempotent_function(  # type: ignore[no-any-return]
+        data_keyword_argument="msg", persistence_store=layer, config=config)(theirs_handler)
+
+
+def ours(store: RedisStore) -> Callable[..., Any]:
+    return idempotent(store, key="id", namespace="bench.redis", lease=30, ttl=3600)(
+        ours_handler)
+
+
+# -- in-process fakes (the Python overhead) -----------------------------------------------------
+class _Encoder:
+    decode_responses = False
+
+
+class FakeScripts(redis.Redis):
+    """Answers RedisStore's claim and complete scripts from a dict, as Redis would."""
+
+    def __init__(self) -> None:  # no connection pool: nothing leaves the process
+        self.data: dict[bytes, list[Any]] = {}
+
+    def get_encoder(self) -> Any:
+        return _Encoder
+
+    def execute_command(self, *args: Any, **options: Any) -> Any:
+        _, sha, _, name, *argv = args
+        if sha == CLAIM_SHA:
+            rec = self.data.get(name)
+            if rec is not None:
+                return rec
+            # times stay floats (the store's float() takes them as it takes bytes)
+            now, token, lease_until, expires_at, _ms, *fp = argv
+            self.data[name] = [3, b"1", b"i", fp[0].encode() if fp else None, None,
+                               token.encode(), lease_until, now, None, expires_at]
+            return [1]
+        token, state, now, expires_at, _ms, *result = argv
+        rec = self.data[name]
+        rec[2], rec[4], rec[6], rec[8], rec[9] = (state, result[0] if result else None, None,
+                                                  now, expires_at)
+        return 1
+
+
+CLAIM_SHA = hashlib.sha1(lua.CLAIM.encode()).hexdigest()
+
+
+class FakeCache:
+    """Answers powertools' CacheClientProtocol (set/get/delete) from a dict."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, str] = {}
+
+    def get(self, name: str) -> str | None:
+        return self.data.get(name)
+
+    def set(self, name: str, value: str, ex: Any = None, px: Any = None,
+            nx: bool = False) -> bool | None:
+        if nx and name in self.data:
+            return None
+        self.data[name] = value
+        return True
+
+    def delete(self, *names: str) -> int:
+        return sum(self.data.pop(n, None) is not None for n in names)
+
+
+# -- the benchmark ------------------------------------------------------------------------------
+class Bench:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.counter = itertools.count()
+        self.store = RedisStore(url)
+        self.store.load_scripts()
+        self.ours = ours(self.store)
+        self.theirs_client = redis.Redis.from_url(url, decode_responses=True)
+        self.theirs = powertools(self.theirs_client)
+        self.dups = self.messages(1000)
+        for m in self.dups:
+            self.ours(m)
+            self.theirs(msg=m)
+
+    def messages(self, n: int) -> list[dict[str, Any]]:
+        return [{"id": f"m-{next(self.counter)}", "account": "acct-0042", "cents": 1234}
+                for _ in range(n)]
+
+    def run(self, fn: Callable[..., Any], msgs: list[dict[str, Any]], keyword: bool
+            ) -> tuple[float, float]:
+        out: list[Any] = []
+
+        def loop() -> None:
+            if keyword:
+                for m in msgs:
+                    out.append(fn(msg=m))
+            else:
+                for m in msgs:
+                    out.append(fn(m))
+
+        t = C.timed(loop)
+        if out[-1] != {"status": "ok", "id": msgs[-1]["id"]}:
+            raise AssertionError(f"got {out[-1]!r}")
+        return t
+
+    def first(self, which: str) -> C.Variant:
+        fn, keyword = (self.ours, False) if which == "ours" else (self.theirs, True)
+        return lambda n: self.run(fn, self.messages(n), keyword)
+
+    def duplicate(self, which: str) -> C.Variant:
+        fn, keyword = (self.ours, False) if which == "ours" else (self.theirs, True)
+        return lambda n: self.run(fn, [self.dups[i % len(self.dups)] for i in range(n)],
+                                  keyword)
+
+    def batch(self, n: int) -> tuple[float, float]:
+        keys = [[m["id"] for m in self.messages(BATCH)] for _ in range(n)]
+        store = self.store
+
+        def loop() -> None:
+            for ks in keys:
+                store.claim_many("bench.batch", ks)
+
+        return C.timed(loop)
+
+    def sequential(self, n: int) -> tuple[float, float]:
+        keys = [[m["id"] for m in self.messages(BATCH)] for _ in range(n)]
+        store = self.store
+
+        def loop() -> None:
+            for ks in keys:
+                for k in ks:
+                    store.claim("bench.batch", k, fingerprint=None)
+
+        return C.timed(loop)
+
+
+def command_counts(client: redis.Redis, call: Callable[[], object], n: int) -> dict[str, float]:
+    """Commands per call by name (INFO commandstats), over ``n`` calls."""
+    client.config_resetstat()
+    for _ in range(n):
+        call()
+    stats = client.info("commandstats")
+    skip = {"cmdstat_info", "cmdstat_config|resetstat"}
+    return {k.removeprefix("cmdstat_"): v["calls"] / n for k, v in stats.items()
+            if k not in skip}
+
+
+def commands(bench: Bench) -> dict[str, dict[str, float]]:
+    admin = redis.Redis.from_url(bench.url)
+    fresh_o, fresh_t = iter(bench.messages(200)), iter(bench.messages(200))
+    out = {
+        "ours, first-time key": command_counts(admin, lambda: bench.ours(next(fresh_o)), 200),
+        "ours, duplicate": command_counts(admin, lambda: bench.ours(bench.dups[0]), 200),
+        "powertools, first-time key": command_counts(
+            admin, lambda: bench.theirs(msg=next(fresh_t)), 200),
+        "powertools, duplicate": command_counts(
+            admin, lambda: bench.theirs(msg=bench.dups[0]), 200),
+    }
+    admin.close()
+    return out
+
+
+def overhead(args: Any, n: int) -> dict[str, C.Result]:
+    counter = itertools.count()
+
+    def msgs(k: int) -> list[dict[str, Any]]:
+        return [{"id": f"f-{next(counter)}", "account": "acct-0042", "cents": 1234}
+                for _ in range(k)]
+
+    ours_dup = ours(RedisStore(FakeScripts()))
+    theirs_dup = powertools(FakeCache())
+    dups = msgs(1000)
+    for m in dups:
+        ours_dup(m)
+        theirs_dup(msg=m)
+
+    def variant(make: Callable[[], Callable[..., Any]] | None, keyword: bool,
+                dup: Callable[..., Any] | None = None) -> C.Variant:
+        def run(k: int) -> tuple[float, float]:
+            batch = [dups[i % len(dups)] for i in range(k)] if dup else msgs(k)
+            fn = dup or (make() if make else (theirs_handler if keyword else ours_handler))
+
+            def loop() -> None:
+                if keyword:
+                    for m in batch:
+                        fn(msg=m)
+                else:
+                    for m in batch:
+                        fn(m)
+
+            return C.timed(loop)
+
+        return run
+
+    variants = {
+        "bare handler": variant(None, False),
+        "ours, first-time key": variant(lambda: ours(RedisStore(FakeScripts())), False),
+        "ours, duplicate": variant(None, False, ours_dup),
+        "powertools, first-time key": variant(lambda: powertools(FakeCache()), True),
+        "powertools, duplicate": variant(None, True, theirs_dup),
+    }
+    return C.interleave(variants, rounds=args.rounds, n=n, baseline="bare handler",
+                        args=args, label="fake client: ")
+
+
+def main() -> None:
+    args = C.parse_args(__doc__.split("\n")[0], rounds=7, n=2000, quick_n=300)
+    with RedisServer() as server:
+        bench = Bench(server.url)
+        info = server.command("INFO", "server").decode()
+        version = info.split("redis_version:")[1].split("\r")[0]
+        C.log(args, f"redis-server {version} on {server.url}")
+        variants = {
+            "powertools, first-time key": bench.first("theirs"),
+            "ours, first-time key": bench.first("ours"),
+            "powertools, duplicate": bench.duplicate("theirs"),
+            "ours, duplicate": bench.duplicate("ours"),
+        }
+        res = C.interleave(
+            variants, rounds=args.rounds, n=args.n, args=args,
+            baseline={"ours, first-time key": "powertools, first-time key",
+                      "ours, duplicate": "powertools, duplicate",
+                      "powertools, first-time key": "powertools, first-time key",
+                      "powertools, duplicate": "powertools, duplicate"})
+        batch_n = max(2, args.n // BATCH)
+        bres = C.interleave({"100 sequential claims": bench.sequential,
+                             "claim_many(100)": bench.batch},
+                            rounds=args.rounds, n=batch_n, baseline="100 sequential claims",
+                            unit_per_op=BATCH, args=args, label="batch: ")
+        cmds = commands(bench)
+        bench.store.close()
+        bench.theirs_client.close()
+    ores = overhead(args, max(2000, args.n))
+    bare = ores["bare handler"]
+    over = {k: statistics.median((v - b) / r.n * 1e6
+                                 for v, b in zip(r.seconds, bare.seconds, strict=True))
+            for k, r in ores.items()}
+
+    lines = [f"bench_redis ({C.git_describe()}): loopback redis-server, one client each, "
+             f"{args.n:,} calls per variant per round, {args.rounds} interleaved rounds, "
+             "medians"]
+    h, rows = C.result_rows(res, rate_label="calls/s")
+    lines += [C.table(h, rows), ""]
+    h, rows = C.result_rows(bres, rate_label="claims/s")
+    lines += [C.table(h, rows), ""]
+    lines.append("Redis commands per call (INFO commandstats, 200 calls each):")
+    crow = []
+    for name, counts in cmds.items():
+        sent = {k: v for k, v in counts.items()
+                if not name.startswith("ours") or k in ("eval", "evalsha")}
+        inside = {k: v for k, v in counts.items() if k not in sent}
+        crow.append([name, f"{sum(sent.values()):g}",
+                     " ".join(f"{k}={v:g}" for k, v in sorted(sent.items())),
+                     " ".join(f"{k}={v:g}" for k, v in sorted(inside.items())) or "-"])
+    lines += [C.table(["variant", "sent", "sent by name", "run inside our scripts"], crow), ""]
+    lines.append("Python overhead per call, in-process fake clients (decorated - bare):")
+    orow = [[k, f"{r.per_op_us:.1f}", f"{over[k]:.1f}" if k != "bare handler" else "-",
+             f"{r.gc_per_op_us:.2f}"] for k, r in ores.items()]
+    lines += [C.table(["variant", "µs/call", "overhead µs", "of which GC µs"], orow), ""]
+    targets = []
+    for what, measured, target, hib in (
+        ("first-time keys, ours/powertools calls/s", res["ours, first-time key"].ratio,
+         TARGET_FIRST, True),
+        ("duplicate keys, ours/powertools calls/s", res["ours, duplicate"].ratio,
+         TARGET_DUP, True),
+        ("Python overhead µs/call, ours, first-time key", over["ours, first-time key"],
+         TARGET_OVERHEAD_US, False),
+        ("Python overhead µs/call, ours, duplicate", over["ours, duplicate"],
+         TARGET_OVERHEAD_US, False),
+    ):
+        line, t = C.target_line(what, measured, target, higher_is_better=hib,
+                                fmt="{:.1f}" if not hib else "{:.2f}")
+        lines.append(line)
+        targets.append(t)
+    doc = {
+        "benchmark": "redis", "rounds": args.rounds, "calls_per_round": args.n,
+        "results": [r.as_dict() for r in res.values()],
+        "batch": [r.as_dict() for r in bres.values()],
+        "commands_per_call": cmds,
+        "overhead_us": over, "overhead": [r.as_dict() for r in ores.values()],
+        "targets": targets,
+    }
+    C.report(args, doc, "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
