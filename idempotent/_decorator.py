@@ -10,15 +10,26 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import logging
 from collections.abc import Callable, Iterable
+from time import perf_counter
 from typing import Any, TypeVar, cast
 
 import tenacity
 
 from . import _context, _heartbeat, _keys, _machine
 from ._canonical import fingerprint as sha256_fingerprint
-from ._record import Claimed, State
-from .exceptions import IdempotencyError, ResultNotSerializable, StoreUnavailable
+from ._record import Claimed, Record, State
+from .events import LISTENERS, Event, Listener, emit
+from .exceptions import (
+    AlreadyInProgress,
+    IdempotencyError,
+    IdempotencyKeyConflict,
+    LeaseLost,
+    PreviousAttemptFailed,
+    ResultNotSerializable,
+    StoreUnavailable,
+)
 from .retry import as_async, as_sync, is_transient, transient_retry
 from .serializers import JSONSerializer, Serializer, encode_result
 from .stores.base import DEFAULT_LEASE, DEFAULT_TTL, Store
@@ -29,6 +40,8 @@ _TX_PARAMS = ("session", "connection")
 #: A tenacity policy object is a reusable value (its statistics are thread-local).
 _DEFAULT_RETRY = transient_retry()
 FingerprintSpec = bool | Iterable[str] | Callable[..., Any] | None
+#: The events' logger, and the level of the per-delivery events.
+_LOG, _DEBUG = logging.getLogger("idempotent"), logging.DEBUG
 
 
 def idempotent(
@@ -45,6 +58,7 @@ def idempotent(
     keep_failures: tuple[type[BaseException], ...] = (),
     heartbeat: bool = True,
     optimistic: bool = True,
+    listeners: Iterable[Listener] = (),
 ) -> Callable[[F], F]:
     """Make a handler run once per idempotency key; duplicates get the first result.
 
@@ -65,6 +79,9 @@ def idempotent(
     * ``optimistic`` (transactional mode): True writes the key once, with the result, at
       commit; a concurrent duplicate runs too and is rolled back at the key. False claims
       the key first, so a concurrent duplicate waits instead of running.
+    * ``listeners``: callables that get this handler's `Event` objects (claimed, duplicate,
+      completed, ...), besides those registered for every handler with
+      `idempotent.events.add_listener`.
 
     A handler that takes ``session`` or ``connection`` runs in **transactional mode**
     (SQL stores only): it gets a SQLAlchemy ``Session``/``Connection`` whose transaction
@@ -78,6 +95,7 @@ def idempotent(
             fn, store, key=key, namespace=namespace, scope=scope, fingerprint=fingerprint,
             ttl=ttl, lease=lease, retry=retry, serializer=serializer,
             keep_failures=keep_failures, heartbeat=heartbeat, optimistic=optimistic,
+            listeners=listeners,
         ).wrapper)
 
     return decorate
@@ -110,7 +128,7 @@ class _Handler:
         fingerprint: FingerprintSpec, ttl: float, lease: float | None,
         retry: tenacity.BaseRetrying | None, serializer: Serializer | None,
         keep_failures: tuple[type[BaseException], ...], heartbeat: bool,
-        optimistic: bool = True,
+        optimistic: bool = True, listeners: Iterable[Listener] = (),
     ) -> None:
         self.fn = fn
         self.store = store
@@ -145,6 +163,7 @@ class _Handler:
         self.keep_failures = keep_failures
         self.heartbeat = heartbeat
         self.optimistic = optimistic
+        self.listeners = tuple(listeners)
         # an in-process store has no transient faults to retry or to translate
         self.direct = not getattr(store, "may_fail_transiently", True)
         self.retrying: tenacity.BaseRetrying | None = None
@@ -234,31 +253,53 @@ class _Handler:
         return bool(self.retrying.retry(state))  # the policy's own predicate decides
 
     def _with_retry(self, op: Callable[..., Any], key: str, *rest: Any) -> Any:
+        started = perf_counter()
         try:
             return op(key, *rest)
         except Exception as exc:
             if not self._retries(exc):
                 self._raise_unavailable(exc, key)
                 raise
+            self._emit("store_retry", key, perf_counter() - started, 1, exc)
         try:
-            return self.retrying(op, key, *rest)  # type: ignore[misc]
+            return self._observed_retrying(key, started)(op, key, *rest)
         except Exception as exc:
             self._raise_unavailable(exc, key)
             raise
 
     async def _with_retry_async(self, spawn: Any, op: Callable[..., Any], key: str,
                                 *rest: Any) -> Any:
+        started = perf_counter()
         try:
             return await spawn(op, key, *rest)
         except Exception as exc:
             if not self._retries(exc):
                 self._raise_unavailable(exc, key)
                 raise
+            self._emit("store_retry", key, perf_counter() - started, 1, exc)
         try:
-            return await self.retrying(spawn, op, key, *rest)  # type: ignore[misc]
+            return await self._observed_retrying(key, started)(spawn, op, key, *rest)
         except Exception as exc:
             self._raise_unavailable(exc, key)
             raise
+
+    def _observed_retrying(self, key: str, started: float) -> tenacity.BaseRetrying:
+        """The retry policy, reporting each further failed attempt as ``store_retry``
+        when anyone listens (a copy per failing call: failures are rare)."""
+        retrying = self.retrying
+        assert retrying is not None
+        if not self._watched() and not _LOG.isEnabledFor(logging.INFO):
+            return retrying
+        theirs = retrying.before_sleep
+
+        def report(state: tenacity.RetryCallState) -> None:
+            failed = state.outcome.exception() if state.outcome is not None else None
+            self._emit("store_retry", key, perf_counter() - started,
+                       state.attempt_number + 1, failed)
+            if theirs is not None:
+                theirs(state)
+
+        return retrying.copy(before_sleep=report)
 
     def _store_op(self, op: Callable[[str], Any], key: str) -> Any:
         """A store operation in lease mode, under the retry policy (for async handlers the
@@ -275,16 +316,27 @@ class _Handler:
     def _transactional(self, key: str, fp: str | None, args: tuple[Any, ...],
                        kwargs: dict[str, Any], call: Callable[..., Any]) -> Any:
         store: Any = self.store
+        watched = self._watched()
+        started = perf_counter() if watched else 0.0
         with store.transaction(self.namespace, key, fp, self.ttl,
                                optimistic=self.optimistic) as tx:
             if tx.existing is not None:
-                return _machine.replay(tx.existing, fp, self.serializer, store.clock())
+                return self._replay(tx.existing, fp, key, watched, started)
             assert self.tx_param is not None
+            if watched:
+                started = self._emit_since("claimed", key, started)
             handle = self._tx_handle(tx)
-            value = self._run(call, args, {**kwargs, self.tx_param: handle}, key, None)
-            winner = tx.commit(self._encode(value, key))
+            try:
+                value = self._run(call, args, {**kwargs, self.tx_param: handle}, key, None)
+                winner = tx.commit(self._encode(value, key))
+            except BaseException as exc:
+                if watched:
+                    self._emit("released", key, perf_counter() - started, None, exc)
+                raise
             if winner is not None:  # a concurrent delivery committed first; ours rolled back
-                return _machine.replay(winner, fp, self.serializer, store.clock())
+                return self._replay(winner, fp, key, watched, started)
+            if watched:
+                self._emit_since("completed", key, started)
             return value
 
     def _joined(self, own: Any, key: str, fp: str | None, args: tuple[Any, ...],
@@ -294,12 +346,23 @@ class _Handler:
 
         store: Any = self.store
         sync, _ = _sync_handle(own)
+        watched = self._watched()
+        started = perf_counter() if watched else 0.0
         tx = store.join(sync, self.namespace, key, fp, self.ttl)
         assert self.tx_param is not None
         if tx.existing is not None:
-            return _machine.replay(tx.existing, fp, self.serializer, store.clock())
-        value = self._run(call, args, {**kwargs, self.tx_param: own}, key, None)
-        tx.commit(self._encode(value, key))
+            return self._replay(tx.existing, fp, key, watched, started)
+        if watched:
+            started = self._emit_since("claimed", key, started)
+        try:
+            value = self._run(call, args, {**kwargs, self.tx_param: own}, key, None)
+            tx.commit(self._encode(value, key))
+        except BaseException as exc:
+            if watched:
+                self._emit("released", key, perf_counter() - started, None, exc)
+            raise
+        if watched:
+            self._emit_since("completed", key, started)
         return value
 
     def _tx_handle(self, tx: Any) -> Any:
@@ -318,10 +381,15 @@ class _Handler:
     def _leased(self, key: str, fp: str | None, args: tuple[Any, ...],
                 kwargs: dict[str, Any], call: Callable[..., Any]) -> Any:
         store, ns = self.store, self.namespace
+        # the one check per delivery for events: listeners, or the logger at DEBUG
+        watched = self.listeners or LISTENERS or _LOG.isEnabledFor(_DEBUG)
+        started = perf_counter() if watched else 0.0
         outcome = self._store_op(
             lambda k: store.claim(ns, k, fingerprint=fp, lease=self.lease, ttl=self.ttl), key)
         if not isinstance(outcome, Claimed):
-            return _machine.replay(outcome.record, fp, self.serializer, store.clock())
+            return self._replay(outcome.record, fp, key, watched, started)
+        if watched:
+            started = self._emit_since("claimed", key, started)
         token = outcome.token
         beat = self._start_heartbeat(key, token)
         try:
@@ -329,17 +397,37 @@ class _Handler:
             data = self._encode(value, key)
         except self.keep_failures as exc:
             _stop(beat)
-            failure = _machine.failure_result(exc)
-            self._store_op(lambda k: store.complete(
-                ns, k, token, failure, ttl=self.ttl, state=State.FAILED), key)
+            self._keep_failure(key, token, exc, watched, started)
             raise
-        except BaseException:
+        except BaseException as exc:
             _stop(beat)
             self._release_quietly(key, token)
+            if watched:
+                self._emit("released", key, perf_counter() - started, None, exc)
             raise
         _stop(beat)
-        self._store_op(lambda k: store.complete(ns, k, token, data, ttl=self.ttl), key)
+        try:  # inline (no helper call): every new key takes this path
+            self._store_op(lambda k: store.complete(ns, k, token, data, ttl=self.ttl), key)
+        except LeaseLost:
+            self._emit("lease_lost", key, perf_counter() - started if watched else None)
+            raise
+        if watched:
+            self._emit_since("completed", key, started)
         return value
+
+    def _keep_failure(self, key: str, token: str, exc: BaseException, watched: object,
+                      started: float) -> None:
+        """Store a ``keep_failures`` exception as the key's failed result."""
+        store, ns, ttl = self.store, self.namespace, self.ttl
+        failure = _machine.failure_result(exc)
+        try:
+            self._store_op(lambda k: store.complete(
+                ns, k, token, failure, ttl=ttl, state=State.FAILED), key)
+        except LeaseLost:
+            self._emit("lease_lost", key, perf_counter() - started if watched else None)
+            raise
+        if watched:
+            self._emit("failed", key, perf_counter() - started, None, exc)
 
     def _release_quietly(self, key: str, token: str) -> None:
         """Give the key back after a failed handler; if the store is down, the lease
@@ -362,6 +450,41 @@ class _Handler:
             return _heartbeat.start_async(
                 lambda: greenlet_spawn(store.renew, ns, key, token, lease), lease / 3)
         return _heartbeat.start(lambda: store.renew(ns, key, token, lease), lease / 3)
+
+    # -- events ------------------------------------------------------------------------------
+    def _watched(self) -> bool:
+        """Does anyone want this delivery's events? (One cheap check per delivery.)"""
+        return bool(self.listeners or LISTENERS) or _LOG.isEnabledFor(_DEBUG)
+
+    def _emit(self, kind: str, key: str, elapsed: float | None = None,
+              attempt: int | None = None, error: BaseException | None = None) -> None:
+        emit(Event(kind, self.namespace, key, elapsed, attempt,
+                   None if error is None else type(error).__name__), self.listeners)
+
+    def _emit_since(self, kind: str, key: str, started: float) -> float:
+        """Emit ``kind`` timed from ``started``; returns now, to time what follows."""
+        now = perf_counter()
+        self._emit(kind, key, now - started)
+        return now
+
+    def _replay(self, record: Record, fp: str | None, key: str, watched: object,
+                started: float) -> Any:
+        """A duplicate's answer (`_machine.replay`), reported as an event."""
+        try:
+            value = _machine.replay(record, fp, self.serializer, self.store.clock())
+        except IdempotencyKeyConflict:
+            self._emit("conflict", key, perf_counter() - started if watched else None)
+            raise
+        except AlreadyInProgress:
+            self._emit("in_progress", key, perf_counter() - started if watched else None)
+            raise
+        except PreviousAttemptFailed:
+            if watched:
+                self._emit_since("duplicate", key, started)
+            raise
+        if watched:
+            self._emit_since("duplicate", key, started)
+        return value
 
     # -- shared ------------------------------------------------------------------------------
     def _run(self, call: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
