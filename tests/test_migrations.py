@@ -12,7 +12,7 @@ import pytest
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
-from idempotent.migrations import VERSION_LOCATION, VERSION_TABLE
+from idempotent.migrations import VERSION_LOCATION, VERSION_TABLE, include_object
 
 from idempotent import SqlStore, _migrate
 
@@ -149,9 +149,11 @@ def _app_project(tmp_path: Path, url: str, *, with_ours: bool) -> Config:
     cfg = Config()
     cfg.set_main_option("script_location", str(root))
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
-    locations = [str(root / "versions")] + ([VERSION_LOCATION] if with_ours else [])
-    cfg.set_main_option("path_separator", ";")
-    cfg.set_main_option("version_locations", ";".join(locations))
+    # as the README says: the package-resource form, with a separator that is not ":"
+    locations = [str(root / "versions")] + (["idempotent.migrations:versions"] if with_ours
+                                            else [])
+    cfg.set_main_option("path_separator", "space")
+    cfg.set_main_option("version_locations", " ".join(locations))
     return cfg
 
 
@@ -222,3 +224,29 @@ def test_offline_sql_names_our_version_table(url: str, capsys: pytest.CaptureFix
     assert f"CREATE TABLE {RECORDS}" in out
     assert "WITHOUT ROWID" in out
     assert f"INSERT INTO {VERSION_TABLE} (version_num) VALUES ('idempotent_0001')" in out
+
+
+def test_version_location_is_the_installed_versions_dir() -> None:
+    assert Path(VERSION_LOCATION, "0001_records_table.py").is_file()
+
+
+def test_include_object_hides_our_tables_from_the_apps_autogenerate(sql_url: str) -> None:
+    """With ``include_object``, comparing the app's models to a database that also holds
+    idempotent's tables proposes nothing; without it, Alembic would drop them."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    engine = sa.create_engine(sql_url, poolclass=sa.NullPool)
+    app = sa.MetaData()
+    sa.Table("orders", app, sa.Column("id", sa.Integer, primary_key=True))
+    try:
+        _migrate.upgrade(engine)
+        app.create_all(engine)
+        with engine.connect() as conn:
+            plain = compare_metadata(MigrationContext.configure(conn), app)
+            filtered = compare_metadata(
+                MigrationContext.configure(conn, opts={"include_object": include_object}), app)
+        assert {d[1].name for d in plain if d[0] == "remove_table"} == {RECORDS, VERSION_TABLE}
+        assert filtered == []
+    finally:
+        engine.dispose()
