@@ -318,7 +318,8 @@ def run_purge(args: argparse.Namespace, opened: list[Store]) -> int:
     _emit(args, {"deleted": deleted, "older_than": args.older_than,
                  "namespace": args.namespace, "batch": args.batch,
                  "seconds": round(seconds, 3)},
-          f"deleted {deleted:,} {what} in {where} ({seconds:.2f} s, batches of "
+          f"deleted {deleted:,} {what if deleted != 1 else what.replace('records', 'record')} "
+          f"in {where} ({seconds:.2f} s, batches of "
           f"{args.batch:,}); in-progress records with a live lease were kept")
     return 0
 

@@ -237,3 +237,26 @@ def test_lease_record_made_by_claim_is_seen(store: SqlStore,
     assert isinstance(got, Claimed)
     doc = run_json(capsys, "stats", "--namespace", "later", "--url", url)
     assert doc["total"] == 1
+
+
+def test_the_commands_on_redis(redis_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """inspect, stats and purge go through the same store interface on Redis."""
+    from idempotent.stores import open_store
+
+    store = open_store(redis_url)
+    got = store.claim("payments", "pay_1", fingerprint="f" * 64, lease=60)
+    assert isinstance(got, Claimed)
+    store.complete("payments", "pay_1", got.token, b'{"ok":1}')
+    running = store.claim("payments", "pay_2", fingerprint=None, lease=60)
+    assert isinstance(running, Claimed)
+    doc = run_json(capsys, "inspect", "payments", "pay_1", "--url", redis_url)
+    assert (doc["state"], doc["fingerprint"], doc["result_bytes"]) == ("completed", "f" * 64, 8)
+    doc = run_json(capsys, "inspect", "payments", "pay_2", "--url", redis_url)
+    assert doc["lease"]["owner_token"] == running.token
+    stats = run_json(capsys, "stats", "--url", redis_url)
+    assert [(c["state"], c["count"]) for c in stats["counts"]] == [
+        ("completed", 1), ("in_progress", 1)]
+    assert run_json(capsys, "purge", "--older-than", "0", "--url", redis_url)["deleted"] == 1
+    assert store.get("payments", "pay_1") is None and store.get("payments", "pay_2")
+    one_line_error(*run(capsys, "stats", "--namespace", "nope", "--url", redis_url),
+                   "unknown namespace")
