@@ -163,20 +163,23 @@ class Worker:
 class Broker:
     """What the redis broker holds: ready messages and delivered-but-unacked ones."""
 
-    def __init__(self, url: str, queue: str = "celery") -> None:
+    def __init__(self, url: str, queues: tuple[str, ...] = ("celery",)) -> None:
         self.client = redis.Redis.from_url(url, socket_timeout=5)
-        self.queue = queue
+        self.queues = queues
 
     def counts(self) -> dict[str, int]:
-        """Ready messages in the queue and unacked ones (held by workers or waiting on an
+        """Ready messages in the queues and unacked ones (held by workers or waiting on an
         ETA); -1 where the broker does not answer (it is restarting)."""
         try:
             pipe = self.client.pipeline(transaction=False)
-            pipe.llen(self.queue).hlen("unacked").zcard("unacked_index")
-            ready, unacked, index = pipe.execute()
+            for q in self.queues:
+                pipe.llen(q)
+            pipe.hlen("unacked").zcard("unacked_index")
+            *ready, unacked, index = pipe.execute()
         except redis.RedisError:
             return {"ready": -1, "unacked": -1, "unacked_index": -1}
-        return {"ready": int(ready), "unacked": int(unacked), "unacked_index": int(index)}
+        return {"ready": sum(map(int, ready)), "unacked": int(unacked),
+                "unacked_index": int(index)}
 
     def empty(self) -> bool:
         return all(v == 0 for v in self.counts().values())

@@ -30,34 +30,41 @@ from idempotent import MissingIdempotencyKey, SqlStore
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
-VISIBILITY = 3  # seconds; small, so redelivery happens in test time
-LEASE = 3  # lease of t.charge (lease mode)
+VISIBILITY = 30  # seconds: the killed-child tests see redelivery by reject_on_worker_lost
+SHORT_VISIBILITY = 2  # seconds, for the countdown test's worker (broker database 2: the
+# unacked set is per database, and any worker sweeps it with its own visibility timeout)
+LEASE = 6  # lease of t.charge (lease mode); longer than the worker takes to see a lost child
 WAIT = 60.0  # deadline of every wait on a condition
 
 
 class Env:
     """The servers, the worker and the producer side of this module."""
 
-    def __init__(self, broker: RedisServer, db_url: str, worker: Worker, marks: Path) -> None:
+    def __init__(self, broker: RedisServer, db_url: str, workers: list[Worker],
+                 marks: Path) -> None:
         self.broker = broker
         self.broker_url = broker.url_for(0)
         self.engine = sa.create_engine(db_url)
-        self.worker = worker
+        self.workers = workers
+        self.worker = workers[0]
         self.marks = marks
         self.app = Celery("producer")
         self.backend = RedisBackend(app=self.app, url=broker.url_for(1))
-        self.queue = Broker(self.broker_url)
+        self.queues = [Broker(self.broker_url), Broker(broker.url_for(2))]
 
-    def connection(self) -> Connection:
-        return Connection(self.broker_url)
+    def connection(self, short: bool) -> Connection:
+        return Connection(self.broker.url_for(2) if short else self.broker_url)
 
-    def send(self, task: Any, payment: dict[str, Any], **options: Any) -> str:
-        """Publish one message; return its task id."""
-        with self.connection() as conn:
+    def send(self, task: Any, payment: dict[str, Any], *, short: bool = False,
+             **options: Any) -> str:
+        """Publish one message; return its task id (``short``: to the short-visibility
+        worker)."""
+        with self.connection(short) as conn:
             return str(task.apply_async((payment,), connection=conn, **options).id)
 
-    def send_once(self, task: Any, payment: dict[str, Any], **options: Any) -> str:
-        with self.connection() as conn:
+    def send_once(self, task: Any, payment: dict[str, Any], *, short: bool = False,
+                  **options: Any) -> str:
+        with self.connection(short) as conn:
             return str(send_once(task, (payment,), connection=conn, **options).id)
 
     def meta(self, task_id: str) -> dict[str, Any]:
@@ -76,8 +83,9 @@ class Env:
 
     def wait_drained(self) -> None:
         """Until every message is acked (none ready, none unacked)."""
-        wait_until(self.queue.empty, WAIT, "broker drained",
-                   describe=lambda: f"{self.queue.counts()}\n{self.worker.log_tail()}")
+        wait_until(lambda: all(q.empty() for q in self.queues), WAIT, "broker drained",
+                   describe=lambda: f"{[q.counts() for q in self.queues]}\n"
+                                    f"{self.worker.log_tail()}")
 
     def rows(self, task: str) -> dict[str, list[int]]:
         return payments_rows(self.engine, task)
@@ -99,17 +107,23 @@ def env(pg_server: PostgresServer) -> Iterator[Env]:
     SqlStore(engine).create_schema()
     engine.dispose()
     broker = RedisServer().start()
-    worker = Worker("w1", worker_env(
-        broker=broker.url_for(0), backend=broker.url_for(1), db=db_url,
-        visibility=VISIBILITY, dedup=1, marks=marks, lease=LEASE,
-    ), logs, concurrency=4)
-    e = Env(broker, db_url, worker.start(), marks)
+    servers = {"broker": broker.url_for(0), "backend": broker.url_for(1), "db": db_url,
+               "dedup": 1, "marks": marks, "lease": LEASE}
+    workers = [
+        Worker("w1", worker_env(visibility=VISIBILITY, **servers), logs, concurrency=3),
+        Worker("w2", worker_env(visibility=SHORT_VISIBILITY,
+                                **{**servers, "broker": broker.url_for(2)}), logs, concurrency=4),
+    ]
+    e = Env(broker, db_url, [w.start() for w in workers], marks)
     try:
-        worker.wait_ready()
+        for w in workers:
+            w.wait_ready()
         yield e
     finally:
-        worker.stop()
-        e.queue.close()
+        for w in workers:
+            w.stop()
+        for q in e.queues:
+            q.close()
         e.engine.dispose()
         broker.stop()
         pg_server.drop_database(db)
@@ -215,10 +229,10 @@ def test_child_killed_mid_task_applies_once(env: Env) -> None:
 
 
 def test_child_killed_mid_task_lease_mode(env: Env) -> None:
-    """Lease mode: the killed child's lease stays until it runs out, so the redelivered copy
-    gets AlreadyInProgress and is retried with a countdown, then takes the key over. The
-    body ran twice (the honest limit of lease mode); the provider, which dedups by the
-    key the task passed it (current_key()), charged once."""
+    """Lease mode: the killed child's lease stays until it runs out (its heartbeat died
+    with it); the requeued copy waits for that (AlreadyInProgress, retried with a countdown)
+    and then takes the key over. The body ran twice (the honest limit of lease mode); the
+    provider, which dedups by the key the task passed it (current_key()), charged once."""
     p = payment(hang_once=True)
     tid = env.send_once(charge, p)
     _kill_the_hanging_child(env, p["payment_id"])
@@ -261,17 +275,17 @@ def test_countdown_longer_than_visibility_timeout(env: Env) -> None:
     writes one row. The plain acks_late task, in the same worker with
     worker_deduplicate_successful_tasks on, writes one row per copy that started before
     the first one succeeded: at least two."""
-    countdown = 3 * VISIBILITY + 1
+    countdown = 3 * SHORT_VISIBILITY + 1
     ours, plain = payment(hold=1), payment(hold=1)
-    t_ours = env.send_once(apply_payment, ours, countdown=countdown)
-    t_plain = env.send(plain_apply, plain, countdown=countdown)
+    t_ours = env.send_once(apply_payment, ours, countdown=countdown, short=True)
+    t_plain = env.send(plain_apply, plain, countdown=countdown, short=True)
     for t in (t_ours, t_plain):
         assert env.wait_done(t)["status"] == "SUCCESS"
     env.wait_drained()
-    copies_ours = log_count([env.worker], f"t.apply_payment[{t_ours}] received")
-    copies_plain = log_count([env.worker], f"t.plain_apply[{t_plain}] received")
+    copies_ours = log_count(env.workers, f"t.apply_payment[{t_ours}] received")
+    copies_plain = log_count(env.workers, f"t.plain_apply[{t_plain}] received")
     plain_rows = env.rows("plain_apply")[plain["payment_id"]]
-    print(f"\ncountdown {countdown}s, visibility {VISIBILITY}s: idempotent task "
+    print(f"\ncountdown {countdown}s, visibility {SHORT_VISIBILITY}s: idempotent task "
           f"{copies_ours} copies -> {len(env.rows('apply_payment')[ours['payment_id']])} row; "
           f"plain task with worker_deduplicate_successful_tasks {copies_plain} copies -> "
           f"{len(plain_rows)} rows")
