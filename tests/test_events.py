@@ -239,7 +239,7 @@ def test_opentelemetry_adapter_counts_events() -> None:
     from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
     reader = InMemoryMetricReader()
-    listener = instrument(MeterProvider(metric_readers=[reader]))
+    listener = instrument(MeterProvider(metric_readers=[reader]), claim_duration=True)
     try:
         store = MemoryStore()
         ok = idempotent(store, key="id", namespace="pay")(lambda m: 1)
@@ -285,3 +285,19 @@ def test_opentelemetry_missing_names_the_extra(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.delitem(sys.modules, "idempotent.integrations.opentelemetry", raising=False)
     with pytest.raises(ImportError, match=r"pip install 'idempotent\[otel\]'"):
         import idempotent.integrations.opentelemetry  # noqa: F401
+
+
+def test_opentelemetry_claim_duration_is_opt_in() -> None:
+    from idempotent.integrations.opentelemetry import MetricsListener
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    reader = InMemoryMetricReader()
+    listener = MetricsListener(MeterProvider(metric_readers=[reader]))
+    idempotent(MemoryStore(), key="id", namespace="n", listeners=[listener])(lambda m: 1)(
+        {"id": 1})
+    data = reader.get_metrics_data()
+    assert data is not None
+    names = {m.name for rm in data.resource_metrics for sm in rm.scope_metrics
+             for m in sm.metrics}
+    assert names == {"idempotent.events", "idempotent.handler.duration"}
