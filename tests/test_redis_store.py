@@ -460,3 +460,48 @@ def test_lease_lost_through_the_store(store: RedisStore) -> None:
     store.complete("ns", "k", second.token, b"mine")
     rec = store.get("ns", "k")
     assert rec is not None and rec.result == b"mine"
+
+
+def _certificates(d: Any) -> dict[str, str]:
+    """A throwaway CA and a server certificate for 127.0.0.1 (openssl, EC keys)."""
+    import shutil
+    import subprocess
+
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl not found: cannot make a TLS certificate")
+    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    for cmd in (
+        ["req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-days", "1",
+         "-subj", "/CN=idempotent test CA"],
+        ["req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1"],
+        ["x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+         "-CAcreateserial", "-out", "server.crt", "-days", "1", "-extfile", "san.ext"],
+    ):
+        subprocess.run([openssl, *cmd], cwd=d, check=True, capture_output=True, timeout=60)
+    return {name: str(d / f"{name}") for name in ("ca.crt", "server.crt", "server.key")}
+
+
+def test_rediss_url_over_tls(tmp_path: Any) -> None:
+    """rediss:// reaches a TLS port of redis-server, the server's certificate checked
+    against the CA given in the client options; plain redis:// to that port fails."""
+    from _servers import free_port
+
+    certs = _certificates(tmp_path)
+    tls_port = free_port()
+    with RedisServer(["--tls-port", str(tls_port), "--tls-cert-file", certs["server.crt"],
+                      "--tls-key-file", certs["server.key"],
+                      "--tls-ca-cert-file", certs["ca.crt"], "--tls-auth-clients", "no"]):
+        store = RedisStore(f"rediss://127.0.0.1:{tls_port}/0", clock=Clock(),
+                           ssl_ca_certs=certs["ca.crt"])
+        got = store.claim("ns", "k", fingerprint=None)
+        assert isinstance(got, Claimed)
+        store.complete("ns", "k", got.token, b"secret")
+        assert isinstance(store.claim("ns", "k", fingerprint=None), Completed)
+        assert store.client.connection_pool.connection_class.__name__ == "SSLConnection"
+        store.close()
+        plain = RedisStore(f"redis://127.0.0.1:{tls_port}/0", socket_timeout=2)
+        with pytest.raises(redis.ConnectionError):
+            plain.claim("ns", "k", fingerprint=None)
+        plain.close()
