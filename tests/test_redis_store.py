@@ -438,12 +438,19 @@ def test_async_handler_with_a_redis_asyncio_client(kind: str,
         from sqlalchemy.util import greenlet_spawn
 
         out.append(await greenlet_spawn(store.purge))
+        batch = await greenlet_spawn(store.claim_many, "batch", ["b1", "b2", "p1"])
+        out.append(sorted(type(o).__name__ for o in batch.values()))
+        stats = await greenlet_spawn(store.stats)
+        out.append(sorted((c.namespace, c.state.value, c.count) for c in stats.counts))
         await store.client.aclose()
         return out
 
     out = asyncio.run(main())
     assert out[:2] == [{"charged": 5}, {"charged": 5}]
     assert out[2:7] == [{"charged": i} for i in range(5)] and out[7] == 0
+    assert out[8] == ["Claimed", "Claimed", "Claimed"]  # another namespace than p1's
+    ns = handler.namespace  # type: ignore[attr-defined]
+    assert out[9] == [("batch", "in_progress", 3), (ns, "completed", 6)]
     assert sorted(runs) == ["p1"] + [f"q{i}" for i in range(5)]
     with pytest.raises(TypeError, match="async"):
         idempotent(store, key="id")(lambda msg: msg)
