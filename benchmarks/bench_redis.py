@@ -17,6 +17,8 @@ on completion). Both use redis-py with hiredis, one client each, ``ttl`` 1 hour.
 
 Then, outside the timed rounds:
 
+* **record layout**: server CPU per script call of the hash layout against a packed
+  string twin of the claim and complete scripts;
 * **commands per call**, from ``INFO commandstats`` after ``CONFIG RESETSTAT``: what
   the client sends (ours: EVALSHA) and, for ours, the commands the scripts run inside
   Redis, listed apart;
@@ -300,6 +302,67 @@ def overhead(args: Any, n: int) -> dict[str, C.Result]:
                         args=args, label="fake client: ")
 
 
+# -- record layout: one hash (ours) against one packed string, server CPU per script call --
+STRING_CLAIM = """
+local k = KEYS[1]
+local now = tonumber(ARGV[1])
+local raw = redis.call('GET', k)
+if raw then
+  local v, s, l, e, t = string.match(raw, '^(%d+)|(%a)|([^|]*)|([^|]*)|([^|]*)|')
+  if v ~= '1' then return {-1, v or ''} end
+  if tonumber(e) > now then
+    if s ~= 'i' then return {3, raw} end
+    if t == ARGV[2] then return {1} end
+    if tonumber(l) > now then return {4, raw} end
+  end
+end
+redis.call('SET', k, '1|i|' .. ARGV[3] .. '|' .. ARGV[4] .. '|' .. ARGV[2] .. '|' .. ARGV[1]
+           .. '|' .. (ARGV[6] or ''), 'PX', ARGV[5])
+return {1}
+"""
+STRING_COMPLETE = """
+local k = KEYS[1]
+local raw = redis.call('GET', k)
+if not raw then return 0 end
+local v, s, l, e, t, c, f = string.match(raw, '^(%d+)|(%a)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)')
+if t ~= ARGV[1] then return 0 end
+redis.call('SET', k, '1|' .. ARGV[2] .. '||' .. ARGV[4] .. '|' .. t .. '|' .. c .. '|' .. f
+           .. '|' .. ARGV[3] .. '|' .. (ARGV[6] or ''), 'PX', ARGV[5])
+return 1
+"""
+
+
+def layouts(url: str, n: int = 20_000) -> dict[str, dict[str, float]]:
+    """Server µs per call (``INFO commandstats`` usec_per_call) of the claim script on new
+    keys, the complete script, and the claim script on completed keys: RedisStore's hash
+    against a minimal packed-string twin (``v|s|lease|expires|token|created|fp``, parsed
+    with ``string.match``), pipelined so the client does not matter."""
+    c = redis.Redis.from_url(url)
+    out: dict[str, dict[str, float]] = {}
+    fp = "ab" * 32
+    for layout, claim, complete in (("hash", lua.CLAIM, lua.COMPLETE),
+                                    ("packed string", STRING_CLAIM, STRING_COMPLETE)):
+        sha_claim, sha_complete = c.script_load(claim), c.script_load(complete)
+        out[layout] = {}
+        for phase in ("claim, new key", "complete", "claim, duplicate"):
+            c.config_resetstat()
+            pipe = c.pipeline(transaction=False)
+            for i in range(n):
+                name = f"layout:{layout}:{i}".encode()
+                if phase == "complete":
+                    pipe.execute_command("EVALSHA", sha_complete, 1, name, f"t{i:031d}", "c",
+                                         1001.0, 9000.0, 8_000_000, b'{"charged":500}')
+                else:
+                    pipe.execute_command("EVALSHA", sha_claim, 1, name, 1000.0, f"t{i:031d}",
+                                         1030.0, 9000.0, 31_000, fp)
+                if i % 1000 == 999:
+                    pipe.execute()
+                    pipe = c.pipeline(transaction=False)
+            out[layout][phase] = c.info("commandstats")["cmdstat_evalsha"]["usec_per_call"]
+    c.close()
+    return out
+
+
 def main() -> None:
     # powertools warns on every call made outside a Lambda (no remaining-time context)
     warnings.filterwarnings("ignore", message="Couldn't determine the remaining time left")
@@ -329,6 +392,7 @@ def main() -> None:
                             rounds=args.rounds, n=batch_n, baseline="100 sequential claims",
                             unit_per_op=BATCH, args=args, label="batch: ")
         cmds = commands(bench)
+        lay = layouts(server.url)
         bench.store.close()
         bench.theirs_client.close()
     ores = overhead(args, 5000 if args.quick else 20_000)
@@ -354,6 +418,10 @@ def main() -> None:
                      " ".join(f"{k}={v:g}" for k, v in sorted(sent.items())),
                      " ".join(f"{k}={v:g}" for k, v in sorted(inside.items())) or "-"])
     lines += [C.table(["variant", "sent", "sent by name", "run inside our scripts"], crow), ""]
+    lines.append("Record layout, server µs per script call (INFO commandstats, 20,000 pipelined):")
+    phases = list(next(iter(lay.values())))
+    lines += [C.table(["layout", *phases],
+                      [[k, *(f"{v[p]:.2f}" for p in phases)] for k, v in lay.items()]), ""]
     lines.append("Python overhead per call, in-process fake clients (decorated - bare):")
     orow = [[k, f"{r.per_op_us:.1f}", f"{over[k]:.1f}" if k != "bare handler" else "-",
              f"{r.gc_per_op_us:.2f}"] for k, r in ores.items()]
@@ -377,7 +445,7 @@ def main() -> None:
         "benchmark": "redis", "rounds": args.rounds, "calls_per_round": args.n,
         "results": [r.as_dict() for r in res.values()],
         "batch": [r.as_dict() for r in bres.values()],
-        "commands_per_call": cmds,
+        "commands_per_call": cmds, "layout_server_us": lay,
         "overhead_us": over, "overhead": [r.as_dict() for r in ores.values()],
         "targets": targets,
     }

@@ -1,7 +1,11 @@
 """The Lua scripts of `RedisStore`: one per operation, so each is atomic and one round trip.
 
-A record is one Redis hash (``HSET``/``HMGET`` of a few short fields; measured against a
-packed string it is as fast, and ``redis-cli HGETALL`` shows it)::
+A record is one Redis hash of a few short fields. Against a packed string (one ``GET`` and
+``SET`` and a ``string.match``) it costs the server a few µs more per new-key claim (about
+14 against 9 µs on a 2-core test machine; complete and duplicate within noise; see
+``benchmarks/bench_redis.py``), small next to a round trip (40-150 µs there); in return
+nothing is escaped or parsed in Lua, any byte can be in any field, and ``redis-cli
+HGETALL`` shows a record::
 
     v  format version ("1")         s  state: i(n progress) | c(ompleted) | f(ailed)
     f  fingerprint (absent: None)   r  result bytes (absent: None)
