@@ -207,7 +207,10 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
         return handler
 
     def _store(self) -> Store:
-        spec = self.idempotency_store
+        # a factory given as a class attribute must not be bound to the task as a method
+        spec = inspect.getattr_static(self, "idempotency_store")
+        if isinstance(spec, staticmethod):
+            spec = spec.__func__
         if spec is None:
             raise TypeError(
                 f"{self.name}: no idempotency_store; give app.task(base=IdempotentTask, "

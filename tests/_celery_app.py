@@ -18,6 +18,7 @@ called):
 * ``t.apply_by_id``: the same body keyed by the task id (the default);
 * ``t.charge``: idempotent, lease mode (no ``connection``): every run logs a call in
   ``psp_calls``; the "provider" keeps one charge per idempotency key (``psp_charges``);
+* ``t.unreachable``: idempotent, its store a PostgreSQL nobody listens on (StoreUnavailable);
 * ``t.plain_apply``: the same ledger insert as a plain ``acks_late`` task.
 
 A payment may carry ``hold`` (seconds the body sleeps after its write) and ``hang_once``
@@ -133,6 +134,17 @@ def charge(payment: dict[str, Any]) -> dict[str, Any]:
         ).on_conflict_do_nothing())
     _hold_or_hang(payment)
     return {"charged": payment["payment_id"], "cents": payment["cents"]}
+
+
+#: nothing listens on port 9 of the loopback: every connection is refused at once
+DEAD_DB = "postgresql+psycopg://postgres@127.0.0.1:9/none"
+
+
+@idempotent_task(app, lambda: SqlStore(DEAD_DB), key="payment_id", retry=None,
+                 backoff=0.2, backoff_max=0.5, store_retries=2, name="t.unreachable")
+def unreachable(payment: dict[str, Any]) -> dict[str, Any]:
+    """Its store is down (a store given as a factory, built in the pool child)."""
+    raise AssertionError("never runs: the key cannot be claimed")
 
 
 @app.task(acks_late=True, reject_on_worker_lost=True, name="t.plain_apply")

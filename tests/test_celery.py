@@ -17,7 +17,15 @@ from typing import Any
 import pytest
 import redis
 import sqlalchemy as sa
-from _celery_app import apply_by_id, apply_payment, charge, metadata, plain_apply, psp_calls
+from _celery_app import (
+    apply_by_id,
+    apply_payment,
+    charge,
+    metadata,
+    plain_apply,
+    psp_calls,
+    unreachable,
+)
 from _celery_app import psp_charges as psp_charges_table
 from _celery_harness import Broker, Worker, log_count, payments_rows, wait_until, worker_env
 from _servers import PostgresServer, RedisServer
@@ -198,6 +206,18 @@ def test_same_key_other_arguments_is_a_conflict_not_a_retry(env: Env) -> None:
     assert log_count([env.worker], f"t.apply_payment[{second}] raised unexpected") == 1
     assert log_count([env.worker], f"t.apply_payment[{second}] retry") == 0
     assert env.rows("apply_payment")[p["payment_id"]] == [1234]
+
+
+def test_store_down_is_retried_with_backoff_then_fails(env: Env) -> None:
+    """StoreUnavailable becomes a retry with backoff, up to the task's store_retries (2
+    here; unlimited by default); then FAILURE with StoreUnavailable, nothing run."""
+    tid = env.send(unreachable, payment())
+    meta = env.wait_done(tid)
+    env.wait_drained()
+    assert meta["status"] == "FAILURE"
+    assert env.stored_error_type(tid) == "StoreUnavailable"
+    assert meta["retries"] == 2
+    assert log_count([env.worker], f"t.unreachable[{tid}] retry: Retry in") == 2
 
 
 def _kill_the_hanging_child(env: Env, payment_id: str) -> int:
