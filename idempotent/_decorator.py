@@ -296,10 +296,21 @@ class _Handler:
             failed = state.outcome.exception() if state.outcome is not None else None
             self._emit("store_retry", key, perf_counter() - started,
                        state.attempt_number + 1, failed)
-            if theirs is not None:
-                theirs(state)
 
-        return retrying.copy(before_sleep=report)
+        if theirs is None:
+            return retrying.copy(before_sleep=report)
+        if inspect.iscoroutinefunction(theirs):  # an async policy's own async hook
+            async def report_then_theirs_async(state: tenacity.RetryCallState) -> None:
+                report(state)
+                await theirs(state)
+
+            return retrying.copy(before_sleep=report_then_theirs_async)
+
+        def report_then_theirs(state: tenacity.RetryCallState) -> None:
+            report(state)
+            theirs(state)
+
+        return retrying.copy(before_sleep=report_then_theirs)
 
     def _store_op(self, op: Callable[[str], Any], key: str) -> Any:
         """A store operation in lease mode, under the retry policy (for async handlers the

@@ -27,6 +27,11 @@ lease_lost     the handler finished but another worker had taken the key over: i
                result was not stored (`LeaseLost`)
 store_retry    a transient store fault; the retry policy tries again
 ============== ==========================================================================
+
+A delivery reports ``claimed`` and then one outcome; in transactional optimistic mode, a
+delivery whose handler ran but lost the race for the key at commit reports ``claimed`` then
+``duplicate``. A transient store fault that the retry policy cures adds ``store_retry``
+events (and, in transactional mode, a ``released`` for the attempt rolled back).
 """
 
 from __future__ import annotations

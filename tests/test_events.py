@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+import tenacity
 
 from idempotent import (
     AlreadyInProgress,
@@ -21,6 +22,7 @@ from idempotent import (
     PreviousAttemptFailed,
     SqlStore,
     idempotent,
+    is_transient,
     transient_retry,
 )
 from idempotent.events import EVENTS, LISTENERS, Event, add_listener, listening, remove_listener
@@ -131,6 +133,43 @@ def test_store_retry_numbers_the_attempts() -> None:
     assert retries[1].elapsed is not None and retries[0].elapsed is not None
     assert retries[1].elapsed >= retries[0].elapsed
     assert rec.kinds[-2:] == [("claimed", "k"), ("completed", "k")]
+
+
+def _policy(before_sleep: Any) -> tenacity.Retrying:
+    return tenacity.Retrying(retry=tenacity.retry_if_exception(is_transient),
+                             stop=tenacity.stop_after_attempt(5), wait=tenacity.wait_none(),
+                             reraise=True, before_sleep=before_sleep)
+
+
+def test_store_retry_keeps_the_policys_own_hook() -> None:
+    """The policy's own before_sleep still runs, after the event is reported."""
+    rec, theirs = Recorder(), []
+
+    @idempotent(FlakyStore(faults=3), key="id", namespace="r", listeners=[rec],
+                retry=_policy(lambda state: theirs.append(state.attempt_number)))
+    def handle(msg: dict[str, Any]) -> int:
+        return 1
+
+    assert handle({"id": "k"}) == 1
+    assert [e.attempt for e in rec.events if e.kind == "store_retry"] == [1, 2, 3]
+    assert theirs == [1, 2]  # tenacity counts from the attempt it took over
+
+
+async def test_store_retry_with_an_async_hook() -> None:
+    """An async handler's policy may have an async before_sleep: it is awaited."""
+    rec, theirs = Recorder(), []
+
+    async def hook(state: tenacity.RetryCallState) -> None:
+        theirs.append(state.attempt_number)
+
+    @idempotent(FlakyStore(faults=2), key="id", namespace="r", listeners=[rec],
+                retry=_policy(hook))
+    async def handle(msg: dict[str, Any]) -> int:
+        return 1
+
+    assert await handle({"id": "k"}) == 1
+    assert [e.attempt for e in rec.events if e.kind == "store_retry"] == [1, 2]
+    assert theirs == [1]
 
 
 def test_transactional_mode(sqlite_url: str) -> None:
