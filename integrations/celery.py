@@ -20,10 +20,13 @@ What the task does, per delivery (in ``__call__``, which runs in the worker's po
   runs in **lease mode**;
 * a **duplicate** returns the stored result; the body does not run;
 * `AlreadyInProgress` (another worker holds the key) becomes ``self.retry`` with the
-  countdown the store gives (``retry_after``); `StoreUnavailable` becomes a retry with
-  exponential backoff. Neither counts against the task's ``max_retries``, since neither is
-  the message's fault; both publish a new message before the current one is acked, and if
-  that publish fails the message is requeued, never acked as done;
+  countdown the store gives (``retry_after``); `LeaseLost` (this run's lease ran out and
+  another delivery took the key over) a retry that will find that delivery's result;
+  `StoreUnavailable` a retry with exponential backoff. None of them counts against the
+  task's ``max_retries`` (none is the message's fault; `StoreUnavailable` has its own
+  limit, ``store_retries``, unlimited by default). A retry publishes a new message (same
+  task id) before the current one is acked; if that publish fails, the message is
+  requeued, never acked as done;
 * **bad input** (`MissingIdempotencyKey`, `IdempotencyKeyConflict`, a key of the wrong
   type) fails the task at once: FAILURE with the error in the result backend, an ERROR line
   in the worker log, ``task_failure`` sent, the message acked. No retry can fix the
@@ -69,6 +72,7 @@ from idempotent._decorator import idempotent
 from idempotent.exceptions import (
     AlreadyInProgress,
     IdempotencyError,
+    LeaseLost,
     MissingIdempotencyKey,
     StoreUnavailable,
 )
@@ -113,8 +117,10 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
       ``optimistic``, ``scope``, ``namespace``; the namespace defaults to the task's name);
     * ``idempotency_backoff`` / ``idempotency_backoff_max``: seconds of the first / the
       longest retry countdown after `StoreUnavailable` (doubling, with jitter);
-    * ``idempotency_store_retries``: how many `StoreUnavailable` retries before the task
-      fails (None: until the store is back; the message is never acked as done meanwhile).
+    * ``idempotency_store_retries``: after `StoreUnavailable`, the task fails once the
+      message has been retried this many times (``request.retries``, which counts retries
+      of every kind); None: retry until the store is back. Meanwhile the message is never
+      acked as done.
     """
 
     acks_late = True
@@ -163,6 +169,11 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
         except AlreadyInProgress as exc:
             # another delivery holds the key; come back when its lease or lock may be gone
             countdown = max(exc.retry_after, 0.1) * random.uniform(1.0, 1.5)
+            raise self._retry_later(exc, countdown, None) from exc
+        except LeaseLost as exc:
+            # our lease ran out and another delivery took the key over: its result is the
+            # one that counts; come back for it rather than report a failure
+            countdown = self.idempotency_backoff * random.uniform(1.0, 1.5)
             raise self._retry_later(exc, countdown, None) from exc
         except StoreUnavailable as exc:
             n = self.request.retries or 0
