@@ -78,15 +78,24 @@ def url_of(args: argparse.Namespace) -> str:
     return url
 
 
+#: The commands are synchronous: an application's async driver is swapped for its sync twin.
+_SYNC_DRIVERS = {"aiosqlite": "pysqlite", "asyncpg": "psycopg", "psycopg_async": "psycopg",
+                 "aiomysql": "pymysql", "asyncmy": "pymysql"}
+
+
 def _sql_url(url: str) -> Any:
     import sqlalchemy as sa
 
     try:
-        return sa.make_url(url)
+        parsed = sa.make_url(url)
     except sa.exc.ArgumentError:
         raise CommandError(
             "bad store URL: expected a SQLAlchemy URL such as sqlite:///idem.db or "
             "postgresql+psycopg://user@host/db, or redis://host:port", 2) from None
+    sync = _SYNC_DRIVERS.get(parsed.get_driver_name())
+    if sync is not None:
+        parsed = parsed.set(drivername=f"{parsed.get_backend_name()}+{sync}")
+    return parsed
 
 
 def _engine_options(parsed: Any) -> dict[str, Any]:
@@ -112,7 +121,7 @@ def open_store(url: str) -> Store:
         return open_any(url)
     parsed = _sql_url(url)
     _existing_sqlite(parsed)
-    return open_any(url, **_engine_options(parsed))
+    return open_any(parsed.render_as_string(hide_password=False), **_engine_options(parsed))
 
 
 def sql_engine(url: str) -> Any:

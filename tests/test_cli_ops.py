@@ -260,3 +260,17 @@ def test_the_commands_on_redis(redis_url: str, capsys: pytest.CaptureFixture[str
     assert store.get("payments", "pay_1") is None and store.get("payments", "pay_2")
     one_line_error(*run(capsys, "stats", "--namespace", "nope", "--url", redis_url),
                    "unknown namespace")
+
+
+def test_an_async_driver_url_is_used_through_its_sync_twin(
+    store: SqlStore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The application's async URL (aiosqlite, psycopg_async) works as it is."""
+    url = store.engine.url
+    if url.get_backend_name() == "sqlite":
+        url = url.set(drivername="sqlite+aiosqlite")
+    else:
+        url = url.set(drivername="postgresql+psycopg_async")
+    text = url.render_as_string(hide_password=False)
+    assert run_json(capsys, "stats", "--url", text)["total"] == 8
+    assert run_json(capsys, "db", "current", "--url", text)["current"] == ["idempotent_0001"]
