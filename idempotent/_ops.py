@@ -187,6 +187,10 @@ def guarded(run: Callable[[argparse.Namespace, list[Store]], int]) -> Callable[.
         opened: list[Store] = []
         try:
             return run(args, opened)
+        except BrokenPipeError:  # `idempotent stats --json | head`: stop quietly
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            return 1
         except Exception as exc:
             if os.environ.get("IDEMPOTENT_TRACEBACK"):
                 raise
