@@ -274,3 +274,30 @@ def test_purge_while_four_processes_work(pg_url: str, tmp_path: Path) -> None:
     check.purge(batch=500)
     assert [(c.namespace, c.count) for c in check.stats().counts] == [("kept", 50)]
     check.engine.dispose()
+
+
+@pytest.mark.postgres
+def test_purge_skips_a_key_a_transaction_holds(pg_url: str) -> None:
+    """A pessimistic transactional delivery that took over an expired key holds its row:
+    a purge meanwhile skips it (SKIP LOCKED, no waiting) and the delivery commits."""
+    _create_schema(pg_url)
+    _seed_expired(pg_url, "ns", 3)  # old-0, old-1, old-2
+    worker, purger = SqlStore(pg_url), SqlStore(pg_url)
+    try:
+        with worker.transaction("ns", "old-1", None, 60, optimistic=False) as tx:
+            assert tx.existing is None  # the expired record was taken over, row locked
+            deleted: list[int] = []
+            purge = threading.Thread(target=lambda: deleted.append(purger.purge(older_than=0)))
+            purge.start()
+            purge.join(timeout=30)  # a guard against hanging, not a measurement
+            blocked = purge.is_alive()
+            tx.commit(b'"done"')
+        purge.join()
+        assert not blocked, "the purge waited for the row the transaction holds"
+        assert deleted == [2]  # old-0 and old-2; old-1 skipped
+        record = purger.get("ns", "old-1")
+        assert record is not None and record.result == b'"done"'
+        assert record.state is State.COMPLETED and record.expires_at > time.time()
+    finally:
+        worker.engine.dispose()
+        purger.engine.dispose()
