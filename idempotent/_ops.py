@@ -112,16 +112,21 @@ def _existing_sqlite(parsed: Any) -> None:
         raise CommandError(f"no SQLite database at {parsed.database}")
 
 
-def open_store(url: str) -> Store:
-    """The store for ``url``, as the library opens it; SQL URLs are checked first."""
+def open_store(args: argparse.Namespace) -> Store:
+    """The store of ``--url``, as the library opens it; SQL URLs are checked first, and
+    take ``--table``/``--schema`` for a records table not of the default name."""
     from .stores import open_store as open_any
 
-    scheme = url.partition("://")[0].lower()
-    if scheme in ("redis", "rediss", "unix"):
+    url = url_of(args)
+    sql = {k: v for k, v in (("table", args.table), ("schema", args.schema)) if v is not None}
+    if url.partition("://")[0].lower() in ("redis", "rediss", "unix"):
+        if sql:
+            raise CommandError("--table and --schema are for SQL stores", 2)
         return open_any(url)
     parsed = _sql_url(url)
     _existing_sqlite(parsed)
-    return open_any(parsed.render_as_string(hide_password=False), **_engine_options(parsed))
+    return open_any(parsed.render_as_string(hide_password=False), **sql,
+                    **_engine_options(parsed))
 
 
 def sql_engine(url: str) -> Any:
@@ -152,9 +157,11 @@ def _describe(exc: BaseException, store: Store | None) -> CommandError:
         return CommandError(f"a driver is missing: {one_line(exc)} (pip install "
                             "'idempotent[postgres]' or 'idempotent[redis]')", 2)
     if isinstance(exc, sa.exc.DBAPIError):
-        if _table_missing(store):
-            return CommandError("the store has no records table: run `idempotent db upgrade "
-                                "--url URL` first")
+        table = _missing_table(store)
+        if table is not None:
+            return CommandError(f"the database has no table {table}: run `idempotent db "
+                                "upgrade --url URL` first (or, for a table of another name, "
+                                "SqlStore.create_schema())")
         detail = one_line(exc.orig if exc.orig is not None else exc)
         if is_transient(exc):
             return CommandError(f"cannot reach the database: {detail}")
@@ -167,17 +174,19 @@ def _describe(exc: BaseException, store: Store | None) -> CommandError:
                         "(IDEMPOTENT_TRACEBACK=1 shows the traceback)")
 
 
-def _table_missing(store: Store | None) -> bool:
+def _missing_table(store: Store | None) -> str | None:
+    """The name of the store's records table if the database lacks it."""
     engine = getattr(store, "engine", None)
     table = getattr(store, "table", None)
     if engine is None or table is None:
-        return False
+        return None
     import sqlalchemy as sa
 
     try:
-        return not sa.inspect(engine).has_table(table.name, schema=table.schema)
+        present = sa.inspect(engine).has_table(table.name, schema=table.schema)
     except sa.exc.SQLAlchemyError:
-        return False
+        return None
+    return None if present else str(table.fullname)
 
 
 def guarded(run: Callable[[argparse.Namespace, list[Store]], int]) -> Callable[..., int]:
@@ -301,7 +310,7 @@ def _record_text(doc: dict[str, Any], now: float, record: Record) -> str:
 def run_inspect(args: argparse.Namespace, opened: list[Store]) -> int:
     from ._keys import fit, scoped
 
-    store = open_store(url_of(args))
+    store = open_store(args)
     opened.append(store)
     namespace, key = fit(args.namespace), scoped(args.key, args.scope)
     record = store.get(namespace, key)
@@ -317,7 +326,7 @@ def run_inspect(args: argparse.Namespace, opened: list[Store]) -> int:
 # -- purge ---------------------------------------------------------------------------------
 @guarded
 def run_purge(args: argparse.Namespace, opened: list[Store]) -> int:
-    store = open_store(url_of(args))
+    store = open_store(args)
     opened.append(store)
     if args.namespace is not None:
         _known_namespace(store, args.namespace)
@@ -372,7 +381,7 @@ def _stats_text(doc: dict[str, Any]) -> str:
 
 @guarded
 def run_stats(args: argparse.Namespace, opened: list[Store]) -> int:
-    store = open_store(url_of(args))
+    store = open_store(args)
     opened.append(store)
     stats = store.stats(args.namespace)
     if args.namespace is not None and not stats.counts:

@@ -107,6 +107,10 @@ def _ops_parser(sub: Any, name: str, run: str, help_: str, description: str) -> 
 
     p = sub.add_parser(name, help=help_, description=description)
     _store_options(p)
+    p.add_argument("--table", help="SQL stores: the records table, when SqlStore was given "
+                   "table= (default: idempotency_records)")
+    p.add_argument("--schema", help="SQL stores: the table's schema, when SqlStore was given "
+                   "schema=")
     p.set_defaults(run=getattr(_ops, run))
     return p
 

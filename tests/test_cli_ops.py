@@ -274,3 +274,19 @@ def test_an_async_driver_url_is_used_through_its_sync_twin(
     text = url.render_as_string(hide_password=False)
     assert run_json(capsys, "stats", "--url", text)["total"] == 8
     assert run_json(capsys, "db", "current", "--url", text)["current"] == ["idempotent_0001"]
+
+
+def test_a_table_of_another_name(sql_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """--table reaches a store made with SqlStore(table=...); a wrong name is reported as
+    a missing table; Redis refuses the option."""
+    s = SqlStore(sql_url, table="payment_keys")
+    s.create_schema()
+    with s.engine.begin() as conn:
+        s.record(conn, "payments", "pay_1", ttl=-1)
+    assert run_json(capsys, "stats", "--table", "payment_keys", "--url", sql_url)["total"] == 1
+    doc = run_json(capsys, "purge", "--table", "payment_keys", "--url", sql_url)
+    assert doc["deleted"] == 1
+    one_line_error(*run(capsys, "stats", "--url", sql_url), "run `idempotent db upgrade")
+    one_line_error(*run(capsys, "stats", "--table", "x", "--url", "redis://127.0.0.1:1/0"),
+                   "--table and --schema are for SQL stores")
+    s.engine.dispose()
