@@ -16,9 +16,11 @@ records; both tasks live in the same worker (``tests/_celery_app.py``):
 A round of a variant: N messages are published to a queue of their own that no worker
 consumes yet (untimed); the clock starts when the worker is told to consume it
 (``add_consumer``) and stops when the broker holds none of them, ready or unacked (every
-task has run and been acked). The variants run in interleaved rounds; figures are
-medians, ratios per round (see ``_common.py``). After the run the ledger is checked: one
-row per payment of each variant.
+task has run and been acked). Besides the wall clock, the CPU time the worker's processes
+and PostgreSQL's used in the round is read from ``/proc``: the cost of a task, which other
+work on a shared machine disturbs much less than throughput. The variants run in
+interleaved rounds; figures are medians, ratios per round (see ``_common.py``). After the
+run the ledger is checked: one row per payment of each variant.
 
 Run: ``.venv/bin/python benchmarks/bench_celery.py [--quick] [--json] [--concurrency C]``
 """
@@ -27,7 +29,9 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -50,7 +54,9 @@ DUP_EVERY = 10
 
 
 class Bench:
-    def __init__(self, broker: RedisServer, engine: sa.Engine, worker: Worker) -> None:
+    def __init__(self, broker: RedisServer, engine: sa.Engine, worker: Worker,
+                 pg_pid: int) -> None:
+        self.pg_pid = pg_pid
         self.broker_url = broker.url
         self.redis = redis.Redis.from_url(broker.url)
         self.engine = engine
@@ -88,12 +94,20 @@ class Bench:
                 while self.redis.llen(queue) or self.redis.hlen("unacked"):
                     time.sleep(POLL)
 
-            t = C.timed(loop)
+            cpu0 = self.server_cpu()
+            wall, _ = C.timed(loop)
+            cpu = self.server_cpu() - cpu0
             self.control.cancel_consumer(queue, destination=self.destination, reply=True,
                                          timeout=10)
-            return t
+            return wall, cpu
 
         return run
+
+    def server_cpu(self) -> float:
+        """CPU seconds used so far by the worker (parent and pool) and by PostgreSQL (the
+        postmaster and its backends): what a task costs, whatever else runs on the machine."""
+        pids = [self.worker.pid, *self.worker.children(), self.pg_pid, *_children(self.pg_pid)]
+        return sum(_cpu_seconds(p) for p in pids)
 
     def check(self) -> dict[str, int]:
         """Ledger rows per task; each must equal the payments sent to it (no doubles)."""
@@ -106,6 +120,31 @@ class Bench:
                 assert rows == distinct == len(sent), (tag, rows, distinct, len(sent))
                 out[tag] = int(rows)
         return out
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (0 if it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry.name))
+    return out
 
 
 def _hostname() -> str:
@@ -131,7 +170,7 @@ def main() -> None:
         worker.start()
         try:
             worker.wait_ready()
-            bench = Bench(broker, engine, worker)
+            bench = Bench(broker, engine, worker, pg.pid)
             C.log(args, f"PostgreSQL {version}, redis-server at {broker.url}, worker pid "
                         f"{worker.pid} -c {args.concurrency}; {args.n} tasks/variant/round")
             variants = {
@@ -148,8 +187,11 @@ def main() -> None:
             engine.dispose()
             shutil.rmtree(logs, ignore_errors=True)
 
-    headers, rows = C.result_rows(res, rate_label="tasks/s", cpu=False)
+    headers, rows = C.result_rows(res, rate_label="tasks/s")
     headers[1] = "µs/task"
+    headers[2] = "worker+PG CPU µs/task"
+    cpu_ratio = {k: statistics.median(r.cpu_seconds) / statistics.median(
+        res["plain acks_late"].cpu_seconds) for k, r in res.items()}
     line, target = C.target_line("idempotent tasks/s vs plain acks_late", res["idempotent"].ratio,
                                  TARGET_RATIO)
     text = "\n".join([
@@ -158,6 +200,9 @@ def main() -> None:
         f"variant per round, {args.rounds} interleaved rounds, medians; ratio = tasks/s / "
         "tasks/s of the plain acks_late task in the same round",
         C.table(headers, rows),
+        "CPU per task, relative to the plain task (worker and PostgreSQL processes; steadier "
+        "than tasks/s on a shared machine): "
+        + ", ".join(f"{k} {v:.2f}" for k, v in cpu_ratio.items()),
         f"ledger checked: {checked} rows, one per payment",
         line,
     ])
