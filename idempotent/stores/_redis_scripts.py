@@ -1,11 +1,12 @@
 """The Lua scripts of `RedisStore`: one per operation, so each is atomic and one round trip.
 
-A record is one Redis hash of a few short fields. Against a packed string (one ``GET`` and
-``SET`` and a ``string.match``) it costs the server a few µs more per new-key claim (about
-14 against 9 µs on a 2-core test machine; complete and duplicate within noise; see
-``benchmarks/bench_redis.py``), small next to a round trip (40-150 µs there); in return
-nothing is escaped or parsed in Lua, any byte can be in any field, and ``redis-cli
-HGETALL`` shows a record::
+A record is one Redis hash of a few short fields. Measured against a packed string (one
+``GET`` and one ``SET`` and a ``string.match``; ``benchmarks/bench_redis.py``), the hash
+costs the server more: 11-15 against 6-8 µs per new-key claim, 7-12 against 4-8 µs per
+duplicate, 7-10 against 6-8 µs per complete, on a shared 2-core machine where a loopback
+round trip took 40-150 µs. Kept for now: nothing is escaped or parsed in Lua, any byte can
+be in any field, ``redis-cli HGETALL`` shows a record; a packed layout could come later as
+format version 2 (every record carries its version)::
 
     v  format version ("1")         s  state: i(n progress) | c(ompleted) | f(ailed)
     f  fingerprint (absent: None)   r  result bytes (absent: None)
