@@ -512,3 +512,30 @@ def test_rediss_url_over_tls(tmp_path: Any) -> None:
         with pytest.raises(redis.ConnectionError):
             plain.claim("ns", "k", fingerprint=None)
         plain.close()
+
+
+def test_async_store_outside_the_bridge_says_how(redis_url: str) -> None:
+    """An asyncio store's methods called directly (no greenlet bridge): a TypeError that
+    says how to call them, and nothing left unawaited."""
+    store = RedisStore(redis_url, use_asyncio=True)
+    with pytest.raises(TypeError, match="greenlet_spawn"):
+        store.claim("ns", "k", fingerprint=None)
+    asyncio.run(store.aclose())
+    with pytest.raises(TypeError, match="use close"):
+        asyncio.run(RedisStore(redis_url).aclose())
+
+
+def test_extreme_leases_and_ttls_never_break_a_script(store: RedisStore) -> None:
+    """A lease or ttl of a thousand years, or in the past, is stored as given; the native
+    expiry stays within what Redis takes (no Lua error, no half-written record)."""
+    clock = clock_of(store)
+    got = store.claim("ns", "far", fingerprint=None, lease=3e10, ttl=3e10)
+    assert isinstance(got, Claimed) and got.lease_until == clock.now + 3e10
+    store.complete("ns", "far", got.token, b"1", ttl=3e10)
+    rec = store.get("ns", "far")
+    assert rec is not None and rec.expires_at == clock.now + 3e10
+    assert 0 < store.client.pttl(store.key_name("ns", "far")) <= 100 * 365 * 86400 * 1000
+    past = store.claim("ns", "past", fingerprint=None, lease=-5)
+    assert isinstance(past, Claimed)  # a deadline already gone: claimable at once
+    again = store.claim("ns", "past", fingerprint=None)
+    assert isinstance(again, Claimed) and again.token != past.token

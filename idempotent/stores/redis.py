@@ -47,6 +47,7 @@ try:
     import redis.retry
     from redis.crc import key_slot
     from redis.exceptions import NoScriptError, ResponseError
+    from sqlalchemy.exc import MissingGreenlet
     from sqlalchemy.util import await_only
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
@@ -97,9 +98,15 @@ _SCRIPTS = (_CLAIM, _CLAIM_MANY, _COMPLETE, _RELEASE, _RENEW, _PURGE)
 _GRACE_MS = lua.GRACE_MS + 1
 
 
+#: The longest native expiry set (100 years): beyond it Redis refuses ``PEXPIRE`` (and a
+#: Lua error would leave a half-written record).
+_MAX_MS = 100 * 365 * 86400 * 1000
+
+
 def _ms(seconds: float) -> int:
-    """A native expiry (milliseconds, relative) for a deadline ``seconds`` away."""
-    return int(seconds * 1000) + _GRACE_MS
+    """A native expiry (milliseconds, relative) for a deadline ``seconds`` away, within
+    what ``PEXPIRE`` takes (a deadline in the past still keeps the record 1 ms)."""
+    return min(max(int(seconds * 1000) + _GRACE_MS, 1), _MAX_MS)
 
 
 class RedisStore(Store):
@@ -168,11 +175,18 @@ class RedisStore(Store):
             self._wait(self.client.execute_command("SCRIPT LOAD", script.text))
 
     def close(self) -> None:
-        """Close the client's connections (a client passed in is the caller's to close)."""
+        """Close the client's connections (with an asyncio client: inside the greenlet
+        bridge, or use `aclose`)."""
         if self.is_async:
             self._wait(self.client.aclose())
         else:
             self.client.close()
+
+    async def aclose(self) -> None:
+        """Close an asyncio client's connections."""
+        if not self.is_async:
+            raise TypeError("aclose() is for a store with a redis.asyncio client; use close()")
+        await self.client.aclose()
 
     # -- key names ------------------------------------------------------------------------
     def key_name(self, namespace: str, key: str) -> bytes:
@@ -211,7 +225,7 @@ class RedisStore(Store):
         client = self.client
         try:
             reply = client.execute_command("EVALSHA", script.sha, numkeys, *args)
-            return await_only(reply) if self.is_async else reply
+            return _await_only(reply) if self.is_async else reply
         except NoScriptError:
             return self._wait(client.execute_command("EVAL", script.text, numkeys, *args))
 
@@ -262,7 +276,7 @@ class RedisStore(Store):
     ) -> Outcome | None:
         """One ``EVALSHA``: claim, take over, or report the record, atomically."""
         name = self.key_name(namespace, key)
-        ms = int((lease_until - now) * 1000) + _GRACE_MS
+        ms = _ms(lease_until - now)
         if fingerprint is None:
             reply = self._eval(_CLAIM, 1, name, now, token, lease_until, expires_at, ms)
         else:
@@ -332,7 +346,7 @@ class RedisStore(Store):
         over ``max_result_bytes`` releases the claim and raises `ResultNotSerializable`:
         nothing is stored, a redelivery can run again."""
         name = self.key_name(namespace, key)
-        code, ms = _CODES[state], int((expires_at - now) * 1000) + _GRACE_MS
+        code, ms = _CODES[state], _ms(expires_at - now)
         if result is None:
             done = self._eval(_COMPLETE, 1, name, token, code, now, expires_at, ms)
         else:
@@ -521,7 +535,14 @@ def _same(value: Any) -> Any:
 
 
 def _await_only(awaitable: Any) -> Any:
-    return await_only(awaitable)
+    try:
+        return await_only(awaitable)
+    except MissingGreenlet as exc:
+        raise TypeError(
+            "a RedisStore with a redis.asyncio client is used by @idempotent on async def "
+            "handlers; to call its methods yourself, run them in "
+            "sqlalchemy.util.greenlet_spawn(store.claim, ...)"
+        ) from exc
 
 
 def _iterate(agen: Any) -> Iterator[Any]:
