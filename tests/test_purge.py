@@ -10,16 +10,20 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 import test_store_contract
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 from test_store_contract import Clock
 
-from idempotent import Claimed, SqlStore, State
-from idempotent.stores.base import Store
+from idempotent import Claimed, Record, SqlStore, State
+from idempotent.stores._sql_schema import COLUMNS as _COLUMNS
+from idempotent.stores.base import Store, purgeable
 
 #: The contract tests' fixture (memory, SQLite, PostgreSQL; a hand-moved clock), as ``store``.
 store = test_store_contract.contract
@@ -301,3 +305,59 @@ def test_purge_skips_a_key_a_transaction_holds(pg_url: str) -> None:
     finally:
         worker.engine.dispose()
         purger.engine.dispose()
+
+
+_STATES = [State.IN_PROGRESS, State.COMPLETED, State.FAILED]
+_record = st.tuples(
+    st.sampled_from(["a", "b"]), st.sampled_from(_STATES),
+    st.integers(-3, 3), st.integers(-3, 3), st.none() | st.integers(-3, 3),
+)
+
+
+@settings(max_examples=100, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+# the boundaries, always tried: expiry, lease deadline and cut-off each equal to now/cut
+@example(records=[("a", State.IN_PROGRESS, 0, 0, 0), ("a", State.IN_PROGRESS, 0, 0, 1),
+                  ("a", State.COMPLETED, 0, 0, None), ("a", State.COMPLETED, -2, 1, None),
+                  ("a", State.COMPLETED, -1, 1, None)],
+         older_than=None, namespace=None, batch=2)
+@example(records=[("a", State.COMPLETED, -2, 1, None), ("a", State.COMPLETED, -1, 1, None),
+                  ("b", State.IN_PROGRESS, -3, 1, -1), ("b", State.IN_PROGRESS, -3, 1, 0)],
+         older_than=2, namespace=None, batch=1)
+@given(records=st.lists(_record, max_size=12), older_than=st.none() | st.integers(0, 4),
+       namespace=st.none() | st.just("a"), batch=st.integers(1, 5))
+def test_sql_purge_agrees_with_the_rule(
+    sql_store: SqlStore, records: list[tuple[str, State, int, int, int | None]],
+    older_than: int | None, namespace: str | None, batch: int,
+) -> None:
+    """On random records whose times sit on the boundaries (equal to now, to the cut-off,
+    to the lease deadline), the SQL purge deletes exactly what `purgeable` says."""
+    now = 1000.0
+    sql_store.clock = lambda: now
+    rows = [
+        Record(ns, f"k{i}", state, None, None, "t" * 32, None if lease is None else now + lease,
+               now + created, None, now + expires)
+        for i, (ns, state, created, expires, lease) in enumerate(records)
+    ]
+    with sql_store.engine.begin() as conn:
+        conn.execute(sql_store.table.delete())
+        if rows:
+            conn.execute(sql_store.table.insert(), [
+                {c: getattr(r, c) for c in _COLUMNS} | {"state": r.state.value}
+                for r in rows])
+    cut = None if older_than is None else now - older_than
+    doomed = {r.key for r in rows
+              if (namespace is None or r.namespace == namespace) and purgeable(r, now, cut)}
+    assert sql_store.purge(older_than=older_than, namespace=namespace, batch=batch) == len(
+        doomed)
+    with sql_store.engine.connect() as conn:
+        left = set(conn.execute(sa.select(sql_store.table.c.key)).scalars())
+    assert left == {r.key for r in rows} - doomed
+
+
+@pytest.fixture
+def sql_store(sql_url: str) -> Iterator[SqlStore]:
+    s = SqlStore(sql_url)
+    s.create_schema()
+    yield s
+    s.engine.dispose()
