@@ -65,6 +65,12 @@ def test_wheel_installs_and_runs(tmp_path: Path) -> None:
                cwd=tmp_path)
     assert where.startswith(str(venv)), where
 
+    # the fresh venv has the core dependencies only: the optional extra names itself
+    hint = subprocess.run(
+        [venv / "bin" / "python", "-c", "import idempotent.integrations.opentelemetry"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert hint.returncode == 1 and "pip install 'idempotent[otel]'" in hint.stderr, hint.stderr
+
     cli = venv / "bin" / "idempotent"
     url = f"sqlite:///{tmp_path}/installed.db"
     out = sh(cli, "db", "upgrade", "--url", url, cwd=tmp_path)
