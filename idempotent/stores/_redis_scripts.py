@@ -21,7 +21,8 @@ deadline: whether a lease is live or a record expired is decided from the stored
 
 Every script reads records with ``redis.pcall`` and answers a code instead of failing:
 a key of another type, or a record of another format version, reaches Python as a code
-that becomes a clear error there, never as a Lua error.
+that becomes a clear error there, never as a Lua error. A hash holding our state, token or
+deadline fields but no version counts as a record of another version.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ local function claim_one(k, now, snow, token, lease_until, expires_at, lease_ms,
     end
     redis.call('DEL', k)
     if rec[2] == 'i' then code = 2 end
-  elseif redis.call('EXISTS', k) == 1 then
+  elseif rec[2] or rec[5] or rec[9] then  -- a record without a version
     return {-1, ''}
   end
   if fp then
@@ -103,7 +104,7 @@ local function owned(k, token)
   local rec = redis.pcall('HMGET', k, 'v', 's', 't', 'd')
   if rec.err then return -2, rec end
   if not rec[1] then
-    if redis.call('EXISTS', k) == 1 then return -1, rec end
+    if rec[2] or rec[3] then return -1, rec end  -- a record without a version
     return 0, rec
   end
   if rec[1] ~= V then return -1, rec end

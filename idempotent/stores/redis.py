@@ -381,7 +381,7 @@ class RedisStore(Store):
         return code == 1
 
     def _get(self, namespace: str, key: str) -> Record | None:
-        """One ``HMGET`` (``EXISTS`` too when the record has no version field)."""
+        """One ``HMGET``."""
         name = self.key_name(namespace, key)
         try:
             reply = self._wait(self.client.execute_command("HMGET", name, *_FIELDS))
@@ -391,7 +391,7 @@ class RedisStore(Store):
             raise self._bad_record(namespace, key, lua.WRONG_TYPE, str(exc)) from exc
         version = reply[0]
         if version is None:
-            if self._wait(self.client.execute_command("EXISTS", name)):
+            if any(field is not None for field in reply):  # a record without a version
                 raise self._bad_record(namespace, key, lua.BAD_VERSION, b"")
             return None
         if version != lua.FORMAT_VERSION.encode():
