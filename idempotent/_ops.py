@@ -166,12 +166,17 @@ def _describe(exc: BaseException, store: Store | None) -> CommandError:
         if is_transient(exc):
             return CommandError(f"cannot reach the database: {detail}")
         return CommandError(f"database error: {detail}")
-    if isinstance(exc, (IdempotencyError, ValueError)):
+    if isinstance(exc, (IdempotencyError, ValueError)) or _alembic_usage_error(exc):
         return CommandError(one_line(exc), 2)
     if is_transient(exc) or isinstance(exc, OSError):
         return CommandError(f"cannot reach the store: {one_line(exc)}")
     return CommandError(f"{type(exc).__name__}: {one_line(exc)} "
                         "(IDEMPOTENT_TRACEBACK=1 shows the traceback)")
+
+
+def _alembic_usage_error(exc: BaseException) -> bool:
+    """Alembic's own CommandError: an unknown revision and the like."""
+    return type(exc).__name__ == "CommandError" and type(exc).__module__.startswith("alembic")
 
 
 def _missing_table(store: Store | None) -> str | None:

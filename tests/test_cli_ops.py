@@ -70,6 +70,12 @@ def test_db_upgrade_current_downgrade(sql_url: str, capsys: pytest.CaptureFixtur
     assert "password" not in out and "secret" not in out
 
 
+def test_db_unknown_revision(sql_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(capsys, "db", "downgrade", "nope", "--url", sql_url)
+    one_line_error(code, out, err, "Can't locate revision identified by 'nope'")
+    assert code == 2
+
+
 def test_db_upgrade_sql_prints_ddl(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "db", "upgrade", "--sql", "--url", "postgresql+psycopg://x@h/db")
     assert code == 0
