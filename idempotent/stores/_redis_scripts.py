@@ -2,11 +2,11 @@
 
 A record is one Redis hash of a few short fields. Measured against a packed string (one
 ``GET`` and one ``SET`` and a ``string.match``; ``benchmarks/bench_redis.py``), the hash
-costs the server more: 11-15 against 6-8 µs per new-key claim, 7-12 against 4-8 µs per
-duplicate, 7-10 against 6-8 µs per complete, on a shared 2-core machine where a loopback
-round trip took 40-150 µs. Kept for now: nothing is escaped or parsed in Lua, any byte can
-be in any field, ``redis-cli HGETALL`` shows a record; a packed layout could come later as
-format version 2 (every record carries its version)::
+costs the server about 2 µs more per claim (8-9 against 6-7 µs for a new key, 6-8 against
+4-5 µs for a duplicate; complete alike, 6-7 µs), on a shared 2-core machine where a loopback
+round trip took 40-150 µs. Kept: nothing is escaped or parsed in Lua, any byte can be in any
+field, ``redis-cli HGETALL`` shows a record; a packed layout could come later as format
+version 2 (every record carries its version)::
 
     v  format version ("1")         s  state: i(n progress) | c(ompleted) | f(ailed)
     f  fingerprint (absent: None)   r  result bytes (absent: None)
@@ -118,9 +118,13 @@ COMPLETE = _OWNED + """
 local k = KEYS[1]
 local ok, rec = owned(k, ARGV[1])
 if ok ~= 1 then return ok end
-redis.call('HSET', k, 's', ARGV[2], 'e', ARGV[4], 'd', rec[4] or ARGV[3])
-if ARGV[6] then redis.call('HSET', k, 'r', ARGV[6]) else redis.call('HDEL', k, 'r') end
-redis.call('HDEL', k, 'l')
+if ARGV[6] then
+  redis.call('HSET', k, 's', ARGV[2], 'e', ARGV[4], 'd', rec[4] or ARGV[3], 'r', ARGV[6])
+  redis.call('HDEL', k, 'l')
+else
+  redis.call('HSET', k, 's', ARGV[2], 'e', ARGV[4], 'd', rec[4] or ARGV[3])
+  redis.call('HDEL', k, 'l', 'r')
+end
 redis.call('PEXPIRE', k, ARGV[5])
 return 1
 """
