@@ -66,12 +66,14 @@ class Bench:
         self.queues = itertools.count()
         self.payments = itertools.count()
         self.sent: dict[str, set[str]] = {"plain_apply": set(), "apply_payment": set()}
+        #: per variant, per round (the warm-up too): (worker, PostgreSQL) CPU s per task
+        self.split: dict[str, list[tuple[float, float]]] = {}
 
     def _payment(self) -> dict[str, Any]:
         i = next(self.payments)
         return {"payment_id": f"b{i:08d}", "account": f"acc_{i % 50}", "cents": 100 + i % 997}
 
-    def variant(self, task: Any, tag: str, dup_every: int = 0) -> C.Variant:
+    def variant(self, name: str, task: Any, tag: str, dup_every: int = 0) -> C.Variant:
         def run(n: int) -> tuple[float, float]:
             queue = f"bench{next(self.queues)}"
             msgs: list[dict[str, Any]] = []
@@ -94,20 +96,23 @@ class Bench:
                 while self.redis.llen(queue) or self.redis.hlen("unacked"):
                     time.sleep(POLL)
 
-            cpu0 = self.server_cpu()
+            w0, p0 = self.server_cpu()
             wall, _ = C.timed(loop)
-            cpu = self.server_cpu() - cpu0
+            w1, p1 = self.server_cpu()
+            self.split.setdefault(name, []).append(((w1 - w0) / n, (p1 - p0) / n))
+            cpu = (w1 - w0) + (p1 - p0)
             self.control.cancel_consumer(queue, destination=self.destination, reply=True,
                                          timeout=10)
             return wall, cpu
 
         return run
 
-    def server_cpu(self) -> float:
+    def server_cpu(self) -> tuple[float, float]:
         """CPU seconds used so far by the worker (parent and pool) and by PostgreSQL (the
         postmaster and its backends): what a task costs, whatever else runs on the machine."""
-        pids = [self.worker.pid, *self.worker.children(), self.pg_pid, *_children(self.pg_pid)]
-        return sum(_cpu_seconds(p) for p in pids)
+        worker = [self.worker.pid, *self.worker.children()]
+        pg = [self.pg_pid, *_children(self.pg_pid)]
+        return sum(map(_cpu_seconds, worker)), sum(map(_cpu_seconds, pg))
 
     def check(self) -> dict[str, int]:
         """Ledger rows per task; each must equal the payments sent to it (no doubles)."""
@@ -174,10 +179,12 @@ def main() -> None:
             C.log(args, f"PostgreSQL {version}, redis-server at {broker.url}, worker pid "
                         f"{worker.pid} -c {args.concurrency}; {args.n} tasks/variant/round")
             variants = {
-                "plain acks_late": bench.variant(plain_apply, "plain_apply"),
-                "idempotent": bench.variant(apply_payment, "apply_payment"),
-                "idempotent, 10% dup": bench.variant(apply_payment, "apply_payment",
-                                                     DUP_EVERY),
+                name: bench.variant(name, task, tag, dup)
+                for name, task, tag, dup in (
+                    ("plain acks_late", plain_apply, "plain_apply", 0),
+                    ("idempotent", apply_payment, "apply_payment", 0),
+                    ("idempotent, 10% dup", apply_payment, "apply_payment", DUP_EVERY),
+                )
             }
             res = C.interleave(variants, rounds=args.rounds, n=args.n,
                                baseline="plain acks_late", args=args)
@@ -203,6 +210,10 @@ def main() -> None:
         "CPU per task, relative to the plain task (worker and PostgreSQL processes; steadier "
         "than tasks/s on a shared machine): "
         + ", ".join(f"{k} {v:.2f}" for k, v in cpu_ratio.items()),
+        "CPU µs per task, medians over rounds, worker / PostgreSQL: " + ", ".join(
+            f"{k} {statistics.median(w for w, _ in v[1:]) * 1e6:,.0f} / "
+            f"{statistics.median(p for _, p in v[1:]) * 1e6:,.0f}"
+            for k, v in bench.split.items()),
         f"ledger checked: {checked} rows, one per payment",
         line,
     ])
