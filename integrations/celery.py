@@ -217,11 +217,14 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
         self._idempotent_handler, self._idempotent_pid = handler, pid
         return handler
 
+    def _setting(self, name: str) -> Any:
+        """A class attribute as given: a function set by ``app.task(...)`` is not bound to
+        the task as a method."""
+        value = inspect.getattr_static(self, name)
+        return value.__func__ if isinstance(value, staticmethod) else value
+
     def _store(self) -> Store:
-        # a factory given as a class attribute must not be bound to the task as a method
-        spec = inspect.getattr_static(self, "idempotency_store")
-        if isinstance(spec, staticmethod):
-            spec = spec.__func__
+        spec = self._setting("idempotency_store")
         if spec is None:
             raise TypeError(
                 f"{self.name}: no idempotency_store; give app.task(base=IdempotentTask, "
@@ -230,7 +233,7 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
         return spec if isinstance(spec, Store) else spec()
 
     def _key_spec(self) -> Callable[..., Any]:
-        spec = self.idempotency_key
+        spec: str | Callable[..., Any] | None = self._setting("idempotency_key")
         if spec is None:
             request_stack = self.request_stack
             return lambda *a, **kw: request_stack.top.id if request_stack.top else None
@@ -242,7 +245,7 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
     def business_key(self, args: tuple[Any, ...] = (), kwargs: Mapping[str, Any] | None = None
                      ) -> Any:
         """The raw business key of a call with these arguments (``idempotency_key``)."""
-        spec = self.idempotency_key
+        spec = self._setting("idempotency_key")
         if spec is None:
             raise TypeError(f"{self.name} is keyed by its task id; pass send_once(key=...)")
         extract = spec if callable(spec) else _argument(self.run, spec)

@@ -34,7 +34,7 @@ from celery.backends.redis import RedisBackend
 from idempotent.integrations.celery import IdempotentTask, send_once, task_id_for
 from kombu import Connection
 
-from idempotent import MissingIdempotencyKey, SqlStore
+from idempotent import AlreadyInProgress, MemoryStore, MissingIdempotencyKey, SqlStore
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
@@ -329,3 +329,43 @@ def test_direct_call_and_idempotent_task_checks() -> None:
     assert apply_payment.reject_on_worker_lost
     with pytest.raises(TypeError, match="task id"):
         send_once(apply_by_id, ({"payment_id": "x"},))
+
+
+def _local_task(**options: Any) -> Any:
+    """A task on an app of its own (no broker used), for calls in this process."""
+    app = Celery("local", set_as_current=False)
+    calls: list[Any] = []
+
+    @app.task(base=IdempotentTask, **options)
+    def record(payload: dict[str, Any]) -> dict[str, Any]:
+        calls.append(payload)
+        return {"n": len(calls)}
+
+    record.calls = calls
+    return record
+
+
+def test_callable_key_and_store_factory_in_process() -> None:
+    """A key function and a store factory given to app.task are used as given (not bound
+    as methods); a duplicate called in process gets the stored result."""
+    store = MemoryStore()
+    task = _local_task(idempotency_store=lambda: store, idempotency_key=lambda p: p["id"],
+                       name="local.record")
+    assert task({"id": "a"}) == {"n": 1}
+    assert task({"id": "a"}) == {"n": 1}
+    assert task({"id": "b"}) == {"n": 2}
+    assert len(task.calls) == 2
+    assert task.business_key(({"id": "a"},)) == "a"
+
+
+def test_in_progress_outside_a_worker_is_raised_not_retried() -> None:
+    """Called directly there is no message to retry: AlreadyInProgress reaches the caller
+    with its retry_after."""
+    store = MemoryStore()
+    task = _local_task(idempotency_store=store, idempotency_key="id", name="local.busy",
+                       idempotency_options={"lease": 30})
+    store.claim("local.busy", "k", fingerprint=None, lease=30)
+    with pytest.raises(AlreadyInProgress) as info:
+        task({"id": "k"})
+    assert 0 < info.value.retry_after <= 30
+    assert task.calls == []
