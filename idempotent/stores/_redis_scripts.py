@@ -2,11 +2,11 @@
 
 A record is one Redis hash of a few short fields. Measured against a packed string (one
 ``GET`` and one ``SET`` and a ``string.match``; ``benchmarks/bench_redis.py``), the hash
-costs the server about 2 µs more per claim (8-9 against 6-7 µs for a new key, 6-8 against
-4-5 µs for a duplicate; complete alike, 6-7 µs), on a shared 2-core machine where a loopback
-round trip took 40-150 µs. Kept: nothing is escaped or parsed in Lua, any byte can be in any
-field, ``redis-cli HGETALL`` shows a record; a packed layout could come later as format
-version 2 (every record carries its version)::
+costs the server a few µs more per script call: 8-13 against 5-9 µs for a new-key claim,
+6-10 against 4-6 µs for a duplicate, 6-10 against 6-8 µs for a complete, on a shared 2-core
+machine where one loopback round trip took 40-150 µs. Kept: nothing is escaped or parsed in
+Lua, any byte can be in any field, ``redis-cli HGETALL`` shows a record; a packed layout
+could come later as format version 2 (every record carries its version)::
 
     v  format version ("1")         s  state: i(n progress) | c(ompleted) | f(ailed)
     f  fingerprint (absent: None)   r  result bytes (absent: None)

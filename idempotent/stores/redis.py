@@ -4,9 +4,10 @@ Every operation is one Lua script (`_redis_scripts`), so each is atomic and cost
 round trip: ``EVALSHA``, and ``EVAL`` once if the server does not know the script yet
 (a restarted or new node). A record is one hash under
 ``<prefix>:<namespace length>:<namespace>:<key>`` (the length makes the name unambiguous
-whatever the namespace holds); the whole name is hashed to a cluster slot, so records
-spread over the nodes. A batch claim groups its keys by slot: one script call for a
-standalone server, one call per slot (pipelined, one round trip per node) on a cluster.
+whatever the namespace holds); the whole name is hashed to a cluster slot (or its first
+``{...}`` hash tag, as Redis does, if a key holds one), so records spread over the nodes.
+A batch claim groups its keys by slot: one script call for a standalone server, one call
+per slot (pipelined, one round trip per node) on a cluster.
 A prefix with a hash tag (``prefix="{idem}"``) keeps every record in one slot, so a batch
 is one call on a cluster too, at the cost of one node holding all records.
 
@@ -20,6 +21,7 @@ from a ``greenlet_spawn``-ed function when using the store directly.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -78,8 +80,6 @@ class _Script:
     __slots__ = ("sha", "text")
 
     def __init__(self, text: str) -> None:
-        import hashlib
-
         self.text = text
         self.sha = hashlib.sha1(text.encode()).hexdigest()
 
@@ -122,7 +122,7 @@ class RedisStore(Store):
 
     ``prefix`` starts every key name. ``max_result_bytes`` bounds a stored result: a
     larger one is refused by `complete` with `ResultNotSerializable` and the claim is
-    released, so a redelivery can run again.
+    released, so a redelivery can run again. ``load_scripts()`` preloads the scripts.
     """
 
     def __init__(
