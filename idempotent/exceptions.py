@@ -70,6 +70,11 @@ class AlreadyInProgress(IdempotencyError):
         self.retry_after = retry_after
 
 
+class IncompatibleRecord(IdempotencyError):
+    """The store holds something under this key that this version cannot read: a record
+    of another format version, or a value that is not a record. It is left untouched."""
+
+
 class LeaseLost(IdempotencyError):
     """This worker's lease was taken over (it expired); its result was not stored.
 

@@ -51,7 +51,11 @@ def _driver_transient(orig: BaseException) -> bool:
             return code & 0xFF in (_SQLITE_BUSY, _SQLITE_LOCKED)
         return "locked" in str(orig) or "busy" in str(orig)
     if module.startswith("redis"):
-        return name in {"ConnectionError", "TimeoutError", "BusyLoadingError", "TryAgainError"}
+        # a failover: the cluster is down, the master is gone, or we wrote to a replica
+        return name in {
+            "ConnectionError", "TimeoutError", "BusyLoadingError", "TryAgainError",
+            "ClusterDownError", "MasterDownError", "ReadOnlyError",
+        }
     return isinstance(orig, (ConnectionError, TimeoutError))
 
 

@@ -18,6 +18,7 @@ from idempotent import (
     Claimed,
     Completed,
     IdempotencyError,
+    IncompatibleRecord,
     InProgress,
     LeaseLost,
     ResultNotSerializable,
@@ -281,7 +282,7 @@ def test_result_size_at_and_over_the_limit(redis_url: str) -> None:
 ])
 def test_a_record_of_another_format_is_a_clear_error(store: RedisStore,
                                                      bad: dict[bytes, bytes]) -> None:
-    """claim, complete, renew, release and get raise IdempotencyError naming the
+    """claim, complete, renew, release and get raise IncompatibleRecord naming the
     version; the record is left as it was; purge and stats skip it."""
     name = store.key_name("ns", "old")
     store.client.hset(name, mapping=bad)
@@ -296,7 +297,7 @@ def test_a_record_of_another_format_is_a_clear_error(store: RedisStore,
     for op in ops:
         with pytest.raises(IdempotencyError, match=r"format version|no format version") as e:
             op()
-        assert e.value.key == "old" and type(e.value) is IdempotencyError
+        assert e.value.key == "old" and type(e.value) is IncompatibleRecord
     assert store.client.hgetall(name) == bad
     clock_of(store).now = 1e12
     assert store.purge() == 0 and store.stats().counts == ()
@@ -304,13 +305,13 @@ def test_a_record_of_another_format_is_a_clear_error(store: RedisStore,
 
 
 def test_a_key_of_another_type_is_a_clear_error(store: RedisStore) -> None:
-    """A string (or list) under a record's name: IdempotencyError, not a Lua error."""
+    """A string (or list) under a record's name: IncompatibleRecord, not a Lua error."""
     name = store.key_name("ns", "str")
     store.client.set(name, b"not a record")
     for op in (lambda: store.claim("ns", "str", fingerprint=None),
                lambda: store.complete("ns", "str", "t" * 32, b"x"),
                lambda: store.get("ns", "str")):
-        with pytest.raises(IdempotencyError, match="not an idempotent record"):
+        with pytest.raises(IncompatibleRecord, match="not an idempotent record"):
             op()
     assert store.client.get(name) == b"not a record"
 

@@ -36,7 +36,7 @@ from .._record import (
     StateCount,
     StoreStats,
 )
-from ..exceptions import IdempotencyError, ResultNotSerializable
+from ..exceptions import IncompatibleRecord, ResultNotSerializable
 from . import _redis_scripts as lua
 from .base import DEFAULT_LEASE, DEFAULT_TTL, Store, new_token
 
@@ -398,7 +398,7 @@ class RedisStore(Store):
             raise self._bad_record(namespace, key, lua.BAD_VERSION, version)
         return _record(namespace, key, [None, *reply])
 
-    def _bad_record(self, namespace: str, key: str, code: int, detail: Any) -> IdempotencyError:
+    def _bad_record(self, namespace: str, key: str, code: int, detail: Any) -> IncompatibleRecord:
         name = self.key_name(namespace, key)
         if code == lua.BAD_VERSION:
             found = (f"format version {detail.decode(errors='replace')!r}" if detail
@@ -408,7 +408,7 @@ class RedisStore(Store):
         else:
             text = detail.decode(errors="replace") if isinstance(detail, bytes) else detail
             why = f"is not an idempotent record ({text or 'wrong type'})"
-        return IdempotencyError(
+        return IncompatibleRecord(
             f"{namespace}: Redis key {name!r} for key {key!r} {why}; nothing was changed",
             namespace=namespace,
             key=key,
