@@ -118,13 +118,17 @@ class Worker:
                 found.append(int(entry.name))
         return sorted(found)
 
+    def ready(self) -> bool:
+        """Whether the current start has logged that it is ready (it consumes)."""
+        return b" ready." in self.current_log()
+
     def wait_ready(self, timeout: float = 60.0) -> None:
         """Until the worker logs that it is ready (its consumer polls the broker)."""
         def ready() -> bool:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 raise AssertionError(f"worker {self.name} exited: {self.log_tail()}")
-            return b" ready." in self.current_log()
+            return self.ready()
         wait_until(ready, timeout, f"worker {self.name} ready", describe=self.log_tail)
 
     def current_log(self) -> bytes:

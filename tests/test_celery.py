@@ -115,12 +115,12 @@ def env(pg_server: PostgresServer) -> Iterator[Env]:
     SqlStore(engine).create_schema()
     engine.dispose()
     broker = RedisServer().start()
-    servers = {"broker": broker.url_for(0), "backend": broker.url_for(1), "db": db_url,
-               "dedup": 1, "marks": marks, "lease": LEASE}
-    workers = [
-        Worker("w1", worker_env(visibility=VISIBILITY, **servers), logs, concurrency=3),
-        Worker("w2", worker_env(visibility=SHORT_VISIBILITY,
-                                **{**servers, "broker": broker.url_for(2)}), logs, concurrency=4),
+    servers = {"backend": broker.url_for(1), "db": db_url, "marks": marks, "lease": LEASE}
+    workers = [  # w2 has Celery's own worker_deduplicate_successful_tasks on, for comparison
+        Worker("w1", worker_env(broker=broker.url_for(0), visibility=VISIBILITY, **servers),
+               logs, concurrency=3),
+        Worker("w2", worker_env(broker=broker.url_for(2), visibility=SHORT_VISIBILITY, dedup=1,
+                                **servers), logs, concurrency=4),
     ]
     e = Env(broker, db_url, [w.start() for w in workers], marks)
     try:

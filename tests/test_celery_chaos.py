@@ -37,7 +37,7 @@ SEED = int(os.environ.get("IDEMPOTENT_CHAOS_SEED", str(random.randrange(1 << 30)
 VISIBILITY = 4  # seconds before an unacked message of a dead worker is handed out again
 WORKERS = 2
 CONCURRENCY = 2
-CHAOS_EVERY = (1.5, 3.5)  # seconds between two blows, drawn uniformly
+CHAOS_EVERY = (1.5, 4.0)  # seconds between two blows, drawn uniformly
 BACKEND_TERMINATIONS = 3
 DEADLINE = 110.0 + PAYMENTS / 20  # seconds for the whole drain (2,000 payments: 210 s)
 
@@ -104,8 +104,13 @@ def _publish(broker_url: str, payments: list[dict[str, Any]], rng: random.Random
 
 
 def _blow(rng: random.Random, workers: list[Worker], chaos: Chaos) -> None:
-    """SIGKILL a whole worker (parent and pool) and start it again, or one pool child."""
-    w = rng.choice(workers)
+    """SIGKILL a whole worker (parent and pool) and start it again, or one pool child.
+    Only a worker that got as far as consuming is hit: on a loaded machine a restart can
+    take seconds, and killing workers that never got to work would only stall the run."""
+    ready = [w for w in workers if w.ready()]
+    if not ready:
+        return
+    w = rng.choice(ready)
     children = w.children()
     if children and rng.random() < 0.5:
         victim = rng.choice(children)
