@@ -15,7 +15,7 @@ import enum
 import hashlib
 import json
 import uuid
-from collections.abc import Mapping, Set
+from collections.abc import Callable, Mapping, Set
 from typing import Any
 
 
@@ -47,17 +47,44 @@ def _default(obj: Any) -> Any:
     )
 
 
+def one_shot(encoder: json.JSONEncoder) -> Callable[[Any], str]:
+    """``encoder.encode``, made cheaper for the hot path (same text, same errors).
+
+    ``JSONEncoder.encode`` builds a new C encoder on every call (about half its cost for a
+    small dict), because the dict it uses to detect circular references is per call. The
+    C encoder built here once skips that detection (its only state), so it serves every
+    thread; a circular value then ends in `RecursionError`, and only then is the value
+    encoded again by ``encoder.encode``, which raises the usual ``ValueError`` (and a
+    merely very deep value raises `RecursionError` again, as it did).
+    """
+    make = getattr(json.encoder, "c_make_encoder", None)  # None without the C module
+    if make is None or encoder.indent is not None:  # no C accelerator: nothing to gain
+        return encoder.encode
+    basestring = (json.encoder.encode_basestring_ascii if encoder.ensure_ascii
+                  else json.encoder.encode_basestring)
+    fast = make(None, encoder.default, basestring, None, encoder.key_separator,
+                encoder.item_separator, encoder.sort_keys, encoder.skipkeys, encoder.allow_nan)
+    checked, join = encoder.encode, "".join
+
+    def encode(obj: Any) -> str:
+        try:
+            return join(fast(obj, 0))
+        except RecursionError:
+            return checked(obj)
+
+    return encode
+
+
 # Built once: ``json.dumps`` with options builds an encoder per call. ``encode`` keeps
 # no state between calls, so one encoder serves every thread (and the recursion of
 # `_default` for sets).
-_encoder = json.JSONEncoder(
+_encode = one_shot(json.JSONEncoder(
     default=_default,
     sort_keys=True,
     separators=(",", ":"),
     ensure_ascii=False,
     allow_nan=False,
-)
-_encode = _encoder.encode
+))
 
 
 def canonical_json(obj: Any) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any, Protocol
 
+from ._canonical import one_shot
 from .exceptions import ResultNotSerializable
 
 
@@ -22,7 +23,7 @@ class Serializer(Protocol):
 
 
 # Built once (``json.dumps`` with options builds an encoder per call); thread-safe.
-_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+_encode = one_shot(json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False))
 
 
 class JSONSerializer:
