@@ -7,10 +7,13 @@ which the thread hands the renewal to. A renewal that finds the lease lost stops
 renewing: the handler's ``complete`` will raise `LeaseLost`.
 
 Most handlers end long before their first renewal, so registering and unregistering a
-lease must be nearly free: a set insert and a set removal under a plain lock, with no
-wake-up of the thread. The thread wakes on its own period instead (the shortest interval
-among the live leases; it only has to be woken when a lease arrives that needs a shorter
-one) and renews the leases that are due; the renewals run outside the lock.
+lease must be nearly free: registering appends the beat to a deque (atomic, no lock) and
+stopping sets a flag; the thread moves new beats into its own list and drops stopped ones
+when it wakes, and a registering caller does the same under the lock once the deque holds
+`_COMPACT_AT` beats (so a long sleep never lets stopped beats pile up). The thread is never
+woken by a registration, except by a lease that needs a period shorter than its own
+(the shortest interval among the live leases); it renews the leases that are due, outside
+the lock.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 
 from .exceptions import LeaseLost
@@ -29,39 +33,42 @@ log = logging.getLogger("idempotent")
 #: The longest the idle thread sleeps between looks (its period doubles up to this while
 #: no lease is live, so a process that once had a tiny lease does not keep waking fast).
 _IDLE_PERIOD = 60.0
+#: How many beats may wait in the deque of new ones before a registering caller moves
+#: them to the thread's list itself (dropping the stopped ones).
+_COMPACT_AT = 1024
 
 
 class Beat:
-    """One lease being kept alive; ``stop()`` ends it. ``lost`` is set when a renewal
-    found the lease taken over (the beat stops by itself then)."""
+    """One lease being kept alive: ``renew(*args)`` is called when it is due; ``stop()``
+    ends it. ``lost`` is set when a renewal found the lease taken over (the beat stops by
+    itself then)."""
 
-    __slots__ = ("due", "interval", "lost", "renew", "renewer", "stopped")
+    __slots__ = ("args", "due", "interval", "lost", "renew", "stopped")
 
     def __init__(
-        self, renew: Callable[[], object], interval: float, renewer: _Renewer | None = None
+        self, renew: Callable[..., object], interval: float, renewer: _Renewer | None = None,
+        args: tuple[object, ...] = (),
     ) -> None:
+        # ``renewer`` is kept for callers that pass it; a stopped beat needs no renewer.
         self.renew = renew
+        self.args = args
         self.interval = interval
         self.stopped = False
         self.lost = False
-        self.renewer = renewer
         self.due = time.monotonic() + interval  # when the shared thread renews it next
 
     def stop(self) -> None:
         """Renew no more. Never waits for the thread: a renewal already under way may
-        still finish, but none starts after this returns."""
+        still finish, but none starts after this returns. (Only a flag: the thread, or
+        the next compaction, drops the beat from its list.)"""
         self.stopped = True
-        renewer = self.renewer
-        if renewer is not None:
-            with renewer.lock:
-                renewer.beats.discard(self)
 
     def beat(self) -> bool:
         """Renew once; False when renewing should stop."""
         if self.stopped:
             return False
         try:
-            self.renew()
+            self.renew(*self.args)
         except LeaseLost:
             self.lost = True
             return False
@@ -71,24 +78,49 @@ class Beat:
 
 
 class _Renewer:
-    """The shared thread and the set of live beats it renews."""
+    """The shared thread and the beats it renews: new ones in a deque that registering
+    threads append to without a lock, the thread's own list of the others."""
 
     def __init__(self) -> None:
         self._reset()
 
     def _reset(self) -> None:
         self.lock = threading.Lock()
-        self.beats: set[Beat] = set()
+        self._new: deque[Beat] = deque()
+        self._live: list[Beat] = []  # under the lock; beats whose renewals ended dropped
         self.period = float("inf")  # the thread's current sleep; only add() shortens it
         self.wakeups = 0  # how many times the thread woke (for tests)
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def add(self, beat: Beat) -> None:
+    @property
+    def beats(self) -> set[Beat]:
+        """The beats still renewed (neither stopped nor ended by a renewal)."""
         with self.lock:
-            self.beats.add(beat)
-            if beat.interval < self.period:  # rare: the thread must wake sooner
-                self._shorten(beat.interval)
+            self._absorb()
+            return {b for b in self._live if not b.stopped}
+
+    def add(self, beat: Beat) -> None:
+        self._new.append(beat)  # deque.append is atomic: no lock on the common path
+        if beat.interval < self.period:  # rare: the thread must wake sooner
+            with self.lock:
+                if beat.interval < self.period:
+                    self._shorten(beat.interval)
+        if len(self._new) >= _COMPACT_AT:
+            with self.lock:
+                self._absorb()
+
+    def _absorb(self) -> float:
+        """Move the new beats to the live list, dropping stopped ones (under the lock);
+        returns the shortest interval among those moved (inf if none)."""
+        new, live = self._new, self._live
+        pop, shortest = new.popleft, float("inf")
+        for _ in range(len(new)):  # popleft is atomic: appends may go on meanwhile
+            b = pop()
+            if not b.stopped:
+                live.append(b)
+                shortest = min(shortest, b.interval)
+        return shortest
 
     def _shorten(self, period: float) -> None:
         """Make the thread's period ``period`` now (under the lock); start it if need be."""
@@ -109,20 +141,26 @@ class _Renewer:
             now = time.monotonic()
             with self.lock:
                 self.wakeups += 1
-                if not self.beats:
-                    self.period = max(self.period, min(self.period * 2, _IDLE_PERIOD))
+                self._absorb()
+                live = self._live = [b for b in self._live if not b.stopped]
+                self.period = (min(b.interval for b in live) if live
+                               else max(self.period, min(self.period * 2, _IDLE_PERIOD)))
+                # add() appends, then compares with the period without the lock: one that
+                # read the period from before the line above did not wake us, but its
+                # beat is in the deque by now.
+                self.period = min(self.period, self._absorb())
+                if not live:
                     continue
-                period = self.period = min(b.interval for b in self.beats)
+                period = self.period
                 # Renew at the wake-up nearest to each due time, so a beat is never
                 # more than half a period late.
                 limit = now + period / 2
-                due = [b for b in self.beats if b.due <= limit]
+                due = [b for b in live if b.due <= limit]
             for b in due:
                 if b.beat():
                     b.due = now + b.interval
                 else:
-                    with self.lock:
-                        self.beats.discard(b)
+                    b.stopped = True  # renewing ended (lease lost, loop closed): drop it
 
     def _after_fork(self) -> None:
         """In a forked child the thread is gone and the live beats are the parent's."""
@@ -134,9 +172,10 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_renewer._after_fork)
 
 
-def start(renew: Callable[[], object], interval: float) -> Beat:
-    """Call ``renew`` every ``interval`` seconds from the shared thread until stopped."""
-    beat = Beat(renew, interval, _renewer)
+def start(renew: Callable[..., object], interval: float, *args: object) -> Beat:
+    """Call ``renew(*args)`` every ``interval`` seconds from the shared thread until
+    stopped (arguments rather than a closure: one object less per call)."""
+    beat = Beat(renew, interval, None, args)
     _renewer.add(beat)
     return beat
 
@@ -144,7 +183,7 @@ def start(renew: Callable[[], object], interval: float) -> Beat:
 class _AsyncBeat(Beat):
     """A lease of an ``async def`` handler. The shared thread keeps its time like any
     other beat's; when it is due, the renewal is handed to the handler's event loop (a
-    timer per call on the loop would cost more than the thread's set insert)."""
+    timer per call on the loop would cost more than the thread's deque append)."""
 
     __slots__ = ("loop", "renew_async", "running")
 
@@ -155,7 +194,7 @@ class _AsyncBeat(Beat):
         loop: asyncio.AbstractEventLoop,
         renewer: _Renewer,
     ) -> None:
-        super().__init__(_nothing, interval, renewer)
+        super().__init__(_nothing, interval)
         self.renew_async = renew
         self.loop = loop
         self.running = False  # a renewal is scheduled or under way on the loop
