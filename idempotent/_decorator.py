@@ -42,6 +42,7 @@ _DEFAULT_RETRY = transient_retry()
 FingerprintSpec = bool | Iterable[str] | Callable[..., Any] | None
 #: The events' logger, and the level of the per-delivery events.
 _LOG, _DEBUG = logging.getLogger("idempotent"), logging.DEBUG
+_CURRENT = _context.CURRENT
 
 
 def idempotent(
@@ -181,6 +182,14 @@ class _Handler:
             async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
                 return await self._call_async(args, kwargs)
             wrapper: Callable[..., Any] = async_wrapper
+        elif self.tx_param is None:  # lease mode, the common case: one frame less
+            identify, leased = self._identify, self._leased
+
+            @functools.wraps(fn)
+            def leased_wrapper(*args: Any, **kwargs: Any) -> Any:
+                key, fp = identify(args, kwargs)
+                return leased(key, fp, args, kwargs, fn)
+            wrapper = leased_wrapper
         else:
             @functools.wraps(fn)
             def sync_wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -192,15 +201,20 @@ class _Handler:
 
     def _identify(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, str | None]:
         """The stored key and the payload fingerprint of one delivery."""
-        text = _keys.as_key_text(self.key_of(*args, **kwargs))
-        if text is None:
-            raise _keys.missing(self.namespace, self.key_spec)
-        scope = None
-        if self.scope_of is not None:
-            scope = _keys.as_key_text(self.scope_of(*args, **kwargs))
-            if scope is None:
-                raise _keys.missing(self.namespace, "scope")
-        return _keys.scoped(text, scope), self.fingerprint_of(*args, **kwargs)
+        raw = self.key_of(*args, **kwargs)
+        # a short str key without a scope is stored as it is: skip the general path
+        if (type(raw) is not str or not raw or len(raw) > _keys.MAX_KEY_LENGTH
+                or self.scope_of is not None):
+            text = _keys.as_key_text(raw)
+            if text is None:
+                raise _keys.missing(self.namespace, self.key_spec)
+            scope = None
+            if self.scope_of is not None:
+                scope = _keys.as_key_text(self.scope_of(*args, **kwargs))
+                if scope is None:
+                    raise _keys.missing(self.namespace, "scope")
+            raw = _keys.scoped(text, scope)
+        return raw, self.fingerprint_of(*args, **kwargs)
 
     def _call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         own = kwargs.pop(self.tx_param, None) if self.tx_param else None
@@ -312,16 +326,37 @@ class _Handler:
 
         return retrying.copy(before_sleep=report_then_theirs)
 
-    def _store_op(self, op: Callable[[str], Any], key: str) -> Any:
-        """A store operation in lease mode, under the retry policy (for async handlers the
-        backoff sleeps on the event loop, not in the greenlet)."""
-        if self.direct:  # an in-process store: no faults to retry or to translate
-            return op(key)
-        if not self.is_async or self.retrying is None:
-            return self._with_retry(op, key)
-        from sqlalchemy.util import await_only, greenlet_spawn
+    def _store_op(self, key: str, op: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``op(*args, **kwargs)``, a store operation on ``key`` in lease mode, under the
+        retry policy. (`_leased` inlines this for claim and complete.)"""
+        started = perf_counter()
+        try:
+            return op(*args, **kwargs)
+        except Exception as exc:
+            return self._retry_failed(exc, key, started, op, args, kwargs)
 
-        return await_only(self._with_retry_async(greenlet_spawn, op, key))
+    def _retry_failed(self, exc: Exception, key: str, started: float, op: Callable[..., Any],
+                      args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """After the first attempt of a lease-mode store call raised ``exc``: the further
+        attempts under the retry policy, or the error (`StoreUnavailable` for a transient
+        fault). The first attempt runs in the caller's frame (for async handlers in the
+        handler's greenlet); the further ones under the policy, whose backoff sleeps on
+        the event loop for async handlers, not in the greenlet."""
+        if self.direct or not self._retries(exc):  # an in-process store: nothing to retry
+            if not self.direct:
+                self._raise_unavailable(exc, key)
+            raise exc
+        self._emit("store_retry", key, perf_counter() - started, 1, exc)
+        retrying = self._observed_retrying(key, started)
+        try:
+            if self.is_async:
+                from sqlalchemy.util import await_only, greenlet_spawn
+
+                return await_only(retrying(greenlet_spawn, op, *args, **kwargs))
+            return retrying(op, *args, **kwargs)
+        except Exception as exc:
+            self._raise_unavailable(exc, key)
+            raise
 
     # -- transactional mode ------------------------------------------------------------------
     def _transactional(self, key: str, fp: str | None, args: tuple[Any, ...],
@@ -391,34 +426,56 @@ class _Handler:
     # -- lease mode -------------------------------------------------------------------------
     def _leased(self, key: str, fp: str | None, args: tuple[Any, ...],
                 kwargs: dict[str, Any], call: Callable[..., Any]) -> Any:
-        store, ns = self.store, self.namespace
+        # Every first-time key takes this path: the store calls, the heartbeat and the
+        # context variable are inline rather than in helpers (each frame costs).
+        store, ns, ttl = self.store, self.namespace, self.ttl
         # the one check per delivery for events: listeners, or the logger at DEBUG
         watched = self.listeners or LISTENERS or _LOG.isEnabledFor(_DEBUG)
         started = perf_counter() if watched else 0.0
-        outcome = self._store_op(
-            lambda k: store.claim(ns, k, fingerprint=fp, lease=self.lease, ttl=self.ttl), key)
+        op_started = perf_counter()
+        try:
+            outcome = store.claim(ns, key, fingerprint=fp, lease=self.lease, ttl=ttl)
+        except Exception as exc:  # retried under the policy, or StoreUnavailable
+            outcome = self._retry_failed(exc, key, op_started, store.claim, (ns, key),
+                                         {"fingerprint": fp, "lease": self.lease, "ttl": ttl})
         if not isinstance(outcome, Claimed):
             return self._replay(outcome.record, fp, key, watched, started)
         if watched:
             started = self._emit_since("claimed", key, started)
         token = outcome.token
-        beat = self._start_heartbeat(key, token)
+        beat = None
+        if self.heartbeat:
+            beat = (self._start_async_heartbeat(key, token) if self.is_async else
+                    _heartbeat.start(store.renew, self.lease / 3, ns, key, token, self.lease))
         try:
-            value = self._run(call, args, kwargs, key, token)
-            data = self._encode(value, key)
+            ctx = _CURRENT.set(_context.Current(ns, key, token))
+            try:
+                value = call(*args, **kwargs)
+            finally:
+                _CURRENT.reset(ctx)
+            data = None if value is None else encode_result(
+                self.serializer, value, namespace=ns, key=key)
         except self.keep_failures as exc:
-            _stop(beat)
+            if beat is not None:
+                beat.stop()
             self._keep_failure(key, token, exc, watched, started)
             raise
         except BaseException as exc:
-            _stop(beat)
+            if beat is not None:
+                beat.stop()
             self._release_quietly(key, token)
             if watched:
                 self._emit("released", key, perf_counter() - started, None, exc)
             raise
-        _stop(beat)
-        try:  # inline (no helper call): every new key takes this path
-            self._store_op(lambda k: store.complete(ns, k, token, data, ttl=self.ttl), key)
+        if beat is not None:
+            beat.stop()
+        try:
+            op_started = perf_counter()
+            try:
+                store.complete(ns, key, token, data, ttl=ttl)
+            except Exception as exc:  # retried under the policy, or StoreUnavailable
+                self._retry_failed(exc, key, op_started, store.complete,
+                                   (ns, key, token, data), {"ttl": ttl})
         except LeaseLost:
             self._emit("lease_lost", key, perf_counter() - started if watched else None)
             raise
@@ -432,8 +489,8 @@ class _Handler:
         store, ns, ttl = self.store, self.namespace, self.ttl
         failure = _machine.failure_result(exc)
         try:
-            self._store_op(lambda k: store.complete(
-                ns, k, token, failure, ttl=ttl, state=State.FAILED), key)
+            self._store_op(key, store.complete, ns, key, token, failure, ttl=ttl,
+                           state=State.FAILED)
         except LeaseLost:
             self._emit("lease_lost", key, perf_counter() - started if watched else None)
             raise
@@ -444,23 +501,19 @@ class _Handler:
         """Give the key back after a failed handler; if the store is down, the lease
         running out does the same, later."""
         try:
-            self._store_op(lambda k: self.store.release(self.namespace, k, token), key)
+            self._store_op(key, self.store.release, self.namespace, key, token)
         except Exception:
             _heartbeat.log.warning(
                 "idempotent: could not release %s/%s; it frees when its lease ends",
                 self.namespace, key, exc_info=True,
             )
 
-    def _start_heartbeat(self, key: str, token: str) -> _heartbeat.Beat | None:
-        if not self.heartbeat:
-            return None
-        store, ns, lease = self.store, self.namespace, self.lease
-        if self.is_async:
-            from sqlalchemy.util import greenlet_spawn
+    def _start_async_heartbeat(self, key: str, token: str) -> _heartbeat.Beat:
+        from sqlalchemy.util import greenlet_spawn
 
-            return _heartbeat.start_async(
-                lambda: greenlet_spawn(store.renew, ns, key, token, lease), lease / 3)
-        return _heartbeat.start(lambda: store.renew(ns, key, token, lease), lease / 3)
+        store, ns, lease = self.store, self.namespace, self.lease
+        return _heartbeat.start_async(
+            lambda: greenlet_spawn(store.renew, ns, key, token, lease), lease / 3)
 
     # -- events ------------------------------------------------------------------------------
     def _watched(self) -> bool:
@@ -523,11 +576,6 @@ class _CountingFirst:
         shifted = copy.copy(retry_state)
         shifted.attempt_number += 1
         return bool(self.stop(shifted))
-
-
-def _stop(beat: _heartbeat.Beat | None) -> None:
-    if beat is not None:
-        beat.stop()
 
 
 __all__ = ["ResultNotSerializable", "idempotent"]
