@@ -10,6 +10,21 @@ from .base import Store, claimable, count_states, outcome_of, purgeable
 
 _IN_PROGRESS = State.IN_PROGRESS
 
+#: An in-progress record is kept as a plain tuple and made a `Record` only when read: a
+#: claim then costs a tuple instead of a frozen dataclass (about 1 µs less), and most
+#: claims are completed before anyone reads them. Completed and failed records are kept
+#: as `Record`s, ready for duplicates.
+_Lease = tuple[str | None, str, float, float, float]  # fingerprint, token, lease_until,
+#                                                      created_at, expires_at
+
+
+def _as_record(namespace: str, key: str, entry: Record | _Lease) -> Record:
+    if type(entry) is not tuple:
+        return entry  # type: ignore[return-value]
+    fingerprint, token, lease_until, created_at, expires_at = entry
+    return Record(namespace, key, _IN_PROGRESS, fingerprint, None, token, lease_until,
+                  created_at, None, expires_at)
+
 
 class MemoryStore(Store):
     """A dict behind a lock. Each operation is atomic under the lock."""
@@ -18,7 +33,8 @@ class MemoryStore(Store):
 
     def __init__(self, **kwargs: object) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]  # only clock= is accepted
-        self._records: dict[tuple[str, str], Record] = {}
+        # (namespace, key) -> a Record, or an in-progress record as a `_Lease` tuple
+        self._records: dict[tuple[str, str], Record | _Lease] = {}
         self._lock = threading.Lock()
 
     def _claim(
@@ -31,15 +47,15 @@ class MemoryStore(Store):
         lease_until: float,
         expires_at: float,
     ) -> Outcome | None:
+        slot = (namespace, key)
         with self._lock:
-            record = self._records.get((namespace, key))
-            if record is None or claimable(record, now):
-                self._records[namespace, key] = Record(
-                    namespace, key, _IN_PROGRESS, fingerprint, None, token,
-                    lease_until, now, None, expires_at,
-                )
-                return Claimed(token, lease_until)
-            return outcome_of(record, token, now)
+            entry = self._records.get(slot)
+            if entry is not None:
+                record = _as_record(namespace, key, entry)
+                if not claimable(record, now):
+                    return outcome_of(record, token, now)
+            self._records[slot] = (fingerprint, token, lease_until, now, expires_at)
+            return Claimed(token, lease_until)
 
     def _complete(
         self,
@@ -51,38 +67,49 @@ class MemoryStore(Store):
         now: float,
         expires_at: float,
     ) -> bool:
+        slot = (namespace, key)
         with self._lock:
-            record = self._records.get((namespace, key))
-            if record is None or record.token != token:
+            entry = self._records.get(slot)
+            if entry is None:
                 return False
-            self._records[namespace, key] = Record(
-                namespace, key, state, record.fingerprint, result, token, None,
-                record.created_at, record.completed_at or now, expires_at,
+            if type(entry) is tuple:  # in progress: the common case
+                if entry[1] != token:
+                    return False
+                fingerprint, created_at, completed_at = entry[0], entry[3], now
+            else:  # completed before (with this token: harmless)
+                record: Record = entry  # type: ignore[assignment]
+                if record.token != token:
+                    return False
+                fingerprint, created_at = record.fingerprint, record.created_at
+                completed_at = record.completed_at or now
+            self._records[slot] = Record(
+                namespace, key, state, fingerprint, result, token, None,
+                created_at, completed_at, expires_at,
             )
             return True
 
     def _release(self, namespace: str, key: str, token: str) -> bool:
         with self._lock:
-            record = self._records.get((namespace, key))
-            if record is None or record.token != token or record.state is not _IN_PROGRESS:
+            entry = self._records.get((namespace, key))
+            if type(entry) is not tuple or entry[1] != token:  # not ours, or not in progress
                 return False
             del self._records[namespace, key]
             return True
 
     def _renew(self, namespace: str, key: str, token: str, lease_until: float) -> bool:
         with self._lock:
-            record = self._records.get((namespace, key))
-            if record is None or record.token != token or record.state is not _IN_PROGRESS:
+            entry = self._records.get((namespace, key))
+            if type(entry) is not tuple or entry[1] != token:  # not ours, or not in progress
                 return False
-            self._records[namespace, key] = Record(
-                namespace, key, _IN_PROGRESS, record.fingerprint, record.result, token,
-                lease_until, record.created_at, record.completed_at, record.expires_at,
-            )
+            fingerprint, _, _, created_at, expires_at = entry
+            self._records[namespace, key] = (
+                fingerprint, token, lease_until, created_at, expires_at)
             return True
 
     def _get(self, namespace: str, key: str) -> Record | None:
         with self._lock:
-            return self._records.get((namespace, key))
+            entry = self._records.get((namespace, key))
+        return None if entry is None else _as_record(namespace, key, entry)
 
     def _purge(
         self, now: float, created_before: float | None, namespace: str | None, batch: int
@@ -91,9 +118,9 @@ class MemoryStore(Store):
         while True:  # one step under the lock per batch, so claims interleave
             with self._lock:
                 doomed = []
-                for (ns, key), record in self._records.items():
+                for (ns, key), entry in self._records.items():
                     if (namespace is None or ns == namespace) and purgeable(
-                            record, now, created_before):
+                            _as_record(ns, key, entry), now, created_before):
                         doomed.append((ns, key))
                         if len(doomed) == batch:
                             break
@@ -105,8 +132,8 @@ class MemoryStore(Store):
 
     def _stats(self, now: float, namespace: str | None) -> StoreStats:
         with self._lock:
-            records = [r for r in self._records.values()
-                       if namespace is None or r.namespace == namespace]
+            records = [_as_record(ns, key, entry) for (ns, key), entry in self._records.items()
+                       if namespace is None or ns == namespace]
         return count_states(records, now)
 
     def __len__(self) -> int:
