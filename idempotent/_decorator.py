@@ -40,6 +40,7 @@ _TX_PARAMS = ("session", "connection")
 #: A tenacity policy object is a reusable value (its statistics are thread-local).
 _DEFAULT_RETRY = transient_retry()
 FingerprintSpec = bool | Iterable[str] | Callable[..., Any] | None
+_Fingerprinter = Callable[[tuple[Any, ...], dict[str, Any]], "str | None"]
 #: The events' logger, and the level of the per-delivery events.
 _LOG, _DEBUG = logging.getLogger("idempotent"), logging.DEBUG
 _CURRENT = _context.CURRENT
@@ -102,22 +103,23 @@ def idempotent(
     return decorate
 
 
-def _fingerprinter(spec: FingerprintSpec) -> Callable[..., str | None]:
+def _fingerprinter(spec: FingerprintSpec) -> _Fingerprinter:
+    """The payload fingerprint of one delivery, from its ``(args, kwargs)`` as received
+    (no repacking: the default fingerprint encodes the args tuple as it is, which JSON
+    writes as the list it is)."""
     if spec is False:
-        return lambda *a, **kw: None
+        return lambda args, kwargs: None
     if spec is None or spec is True:
-        def whole(*args: Any, **kwargs: Any) -> str:
-            if kwargs:
-                return sha256_fingerprint([list(args), kwargs])
-            return sha256_fingerprint(list(args))
+        def whole(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+            return sha256_fingerprint([args, kwargs] if kwargs else args)
         return whole
     if callable(spec):
         fn = spec
-        return lambda *a, **kw: sha256_fingerprint(fn(*a, **kw))
+        return lambda args, kwargs: sha256_fingerprint(fn(*args, **kwargs))
     fields = tuple(spec)
     extract = [_keys.extractor(f) for f in fields]
-    return lambda *a, **kw: sha256_fingerprint(
-        {f: e(*a, **kw) for f, e in zip(fields, extract, strict=True)})
+    return lambda args, kwargs: sha256_fingerprint(
+        {f: e(*args, **kwargs) for f, e in zip(fields, extract, strict=True)})
 
 
 class _Handler:
@@ -214,7 +216,7 @@ class _Handler:
                 if scope is None:
                     raise _keys.missing(self.namespace, "scope")
             raw = _keys.scoped(text, scope)
-        return raw, self.fingerprint_of(*args, **kwargs)
+        return raw, self.fingerprint_of(args, kwargs)
 
     def _call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         own = kwargs.pop(self.tx_param, None) if self.tx_param else None
