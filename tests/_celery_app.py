@@ -8,7 +8,8 @@ Configured by environment variables, so the test that starts a worker decides:
 * ``IDEMPOTENT_CELERY_VISIBILITY``: the broker's visibility timeout, seconds (default 5);
 * ``IDEMPOTENT_CELERY_DEDUP``: ``1`` turns on ``worker_deduplicate_successful_tasks``;
 * ``IDEMPOTENT_CELERY_MARKS``: a directory where ``hang_once`` tasks leave a mark;
-* ``IDEMPOTENT_CELERY_LEASE``: lease seconds of the lease-mode task (default 3).
+* ``IDEMPOTENT_CELERY_LEASE``: lease seconds of the lease-mode tasks (default 3);
+* ``IDEMPOTENT_CELERY_REDIS_STORE``: the redis URL of ``t.charge_redis``'s store.
 
 Tasks (explicit names, so the test process and the workers agree whatever the module is
 called):
@@ -18,6 +19,7 @@ called):
 * ``t.apply_by_id``: the same body keyed by the task id (the default);
 * ``t.charge``: idempotent, lease mode (no ``connection``): every run logs a call in
   ``psp_calls``; the "provider" keeps one charge per idempotency key (``psp_charges``);
+* ``t.charge_redis``: the same on a `RedisStore` (``IDEMPOTENT_CELERY_REDIS_STORE``);
 * ``t.unreachable``: idempotent, its store a PostgreSQL nobody listens on (StoreUnavailable);
 * ``t.plain_apply``: the same ledger insert as a plain ``acks_late`` task.
 
@@ -38,6 +40,7 @@ from idempotent.integrations.celery import IdempotentTask, idempotent_task
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from idempotent import SqlStore, current_key
+from idempotent.stores import RedisStore
 
 BROKER = os.environ.get("IDEMPOTENT_CELERY_BROKER", "redis://127.0.0.1:1/0")
 BACKEND = os.environ.get("IDEMPOTENT_CELERY_BACKEND") or None
@@ -124,8 +127,7 @@ def apply_by_id(payment: dict[str, Any], connection: sa.Connection) -> dict[str,
     return {"applied": payment["payment_id"], "cents": payment["cents"]}
 
 
-@idempotent_task(app, store, key="payment_id", lease=LEASE, name="t.charge")
-def charge(payment: dict[str, Any]) -> dict[str, Any]:
+def _charge(payment: dict[str, Any]) -> dict[str, Any]:
     key = current_key()  # the provider's idempotency key, as a real PSP call would pass it
     with engine.begin() as c:
         c.execute(psp_calls.insert(), {"idem_key": key, "pid": os.getpid()})
@@ -134,6 +136,13 @@ def charge(payment: dict[str, Any]) -> dict[str, Any]:
         ).on_conflict_do_nothing())
     _hold_or_hang(payment)
     return {"charged": payment["payment_id"], "cents": payment["cents"]}
+
+
+charge = idempotent_task(app, store, key="payment_id", lease=LEASE, name="t.charge")(_charge)
+#: the same task on a RedisStore (built in each pool child, from the environment)
+charge_redis = idempotent_task(
+    app, lambda: RedisStore(os.environ["IDEMPOTENT_CELERY_REDIS_STORE"]), key="payment_id",
+    lease=LEASE, name="t.charge_redis")(_charge)
 
 
 #: nothing listens on port 9 of the loopback: every connection is refused at once

@@ -21,6 +21,7 @@ from _celery_app import (
     apply_by_id,
     apply_payment,
     charge,
+    charge_redis,
     metadata,
     plain_apply,
     psp_calls,
@@ -115,7 +116,8 @@ def env(pg_server: PostgresServer) -> Iterator[Env]:
     SqlStore(engine).create_schema()
     engine.dispose()
     broker = RedisServer().start()
-    servers = {"backend": broker.url_for(1), "db": db_url, "marks": marks, "lease": LEASE}
+    servers = {"backend": broker.url_for(1), "db": db_url, "marks": marks, "lease": LEASE,
+               "redis_store": broker.url_for(3)}
     workers = [  # w2 has Celery's own worker_deduplicate_successful_tasks on, for comparison
         Worker("w1", worker_env(broker=broker.url_for(0), visibility=VISIBILITY, **servers),
                logs, concurrency=3),
@@ -248,13 +250,17 @@ def test_child_killed_mid_task_applies_once(env: Env) -> None:
     assert log_count([env.worker], lost) == 1, env.worker.log_tail(40)
 
 
-def test_child_killed_mid_task_lease_mode(env: Env) -> None:
+LEASE_TASKS = pytest.mark.parametrize("task", [charge, charge_redis], ids=["sql", "redis"])
+
+
+@LEASE_TASKS
+def test_child_killed_mid_task_lease_mode(env: Env, task: Any) -> None:
     """Lease mode: the killed child's lease stays until it runs out (its heartbeat died
     with it); the requeued copy waits for that (AlreadyInProgress, retried with a countdown)
     and then takes the key over. The body ran twice (the honest limit of lease mode); the
     provider, which dedups by the key the task passed it (current_key()), charged once."""
     p = payment(hang_once=True)
-    tid = env.send_once(charge, p)
+    tid = env.send_once(task, p)
     _kill_the_hanging_child(env, p["payment_id"])
     meta = env.wait_done(tid)
     env.wait_drained()
@@ -267,17 +273,18 @@ def test_child_killed_mid_task_lease_mode(env: Env) -> None:
                             .where(psp_charges_table.c.idem_key == key)).scalars().all()
     assert calls == 2
     assert charges == [1234]
-    assert log_count([env.worker], f"t.charge[{tid}] retry: Retry in") >= 1
+    assert log_count([env.worker], f"{task.name}[{tid}] retry: Retry in") >= 1
 
 
-def test_in_progress_duplicate_is_retried_then_replayed(env: Env) -> None:
+@LEASE_TASKS
+def test_in_progress_duplicate_is_retried_then_replayed(env: Env, task: Any) -> None:
     """A second message of a payment whose first run holds the lease is retried with a
     countdown (AlreadyInProgress), then gets the stored result; the body runs once."""
     p = payment(hold=2)
-    first = env.send(charge, p)
-    wait_until(lambda: log_count([env.worker], f"t.charge[{first}] received"), WAIT,
+    first = env.send(task, p)
+    wait_until(lambda: log_count([env.worker], f"{task.name}[{first}] received"), WAIT,
                "first received")
-    second = env.send(charge, p)
+    second = env.send(task, p)
     results = [env.wait_done(t) for t in (first, second)]
     env.wait_drained()
     assert [r["status"] for r in results] == ["SUCCESS", "SUCCESS"]
