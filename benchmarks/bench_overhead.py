@@ -17,15 +17,29 @@ Every fresh-key run gets a new store (so the dict does not grow across rounds).
 ``--profile`` adds a cProfile of the fresh-key path: the top costs inside ``idempotent/``
 (by own time), and the top overall.
 
-Run: ``.venv/bin/python benchmarks/bench_overhead.py [--quick] [--json] [--profile]``
+``--baseline REV`` also runs the package as it was at git revision ``REV`` (exported with
+``git archive`` to a temporary directory and imported as ``idempotent_baseline``), as
+``baseline: idem, new key`` and ``baseline: idem, duplicate``, interleaved with the rest
+in the same process: an A/B that the machine's load hits alike on both sides.
+
+Run: ``.venv/bin/python benchmarks/bench_overhead.py [--quick] [--json] [--profile]
+[--baseline REV]``
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import io
 import itertools
 import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import _common as C  # sets up sys.path first
@@ -39,11 +53,28 @@ def handler(msg: dict[str, Any]) -> dict[str, Any]:
     return {"status": "ok", "id": msg["id"]}
 
 
+def load_baseline(rev: str) -> ModuleType:
+    """The ``idempotent`` package at git revision ``rev``, imported as
+    ``idempotent_baseline`` (its imports inside the package are relative)."""
+    repo = Path(__file__).resolve().parent.parent
+    data = subprocess.run(["git", "archive", rev, "idempotent"], cwd=repo, check=True,
+                          capture_output=True).stdout
+    where = Path(tempfile.mkdtemp(prefix="idempotent-baseline-"))
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        tar.extractall(where, filter="data")
+    (where / "idempotent").rename(where / "idempotent_baseline")
+    sys.path.insert(0, str(where))
+    return importlib.import_module("idempotent_baseline")
+
+
 class Bench:
-    def __init__(self) -> None:
+    def __init__(self, lib: Any = None) -> None:
+        lib = lib or sys.modules["idempotent"]
+        self.lib = lib
         self.counter = itertools.count()
-        self.dup_store = MemoryStore()
-        self.dup_fn = idempotent(self.dup_store, key="id", namespace="bench.overhead")(handler)
+        self.dup_store = lib.MemoryStore()
+        self.dup_fn = lib.idempotent(self.dup_store, key="id", namespace="bench.overhead")(
+            handler)
         self.dup_msgs = self.messages(1000)
         for m in self.dup_msgs:
             self.dup_fn(m)
@@ -63,8 +94,9 @@ class Bench:
 
     def fresh(self, **options: Any) -> C.Variant:
         def run(n: int) -> tuple[float, float]:
-            fn = idempotent(MemoryStore(), key="id", namespace="bench.overhead", **options)(
-                handler)
+            lib = self.lib
+            fn = lib.idempotent(lib.MemoryStore(), key="id", namespace="bench.overhead",
+                                **options)(handler)
             msgs = self.messages(n)
 
             def loop() -> None:
@@ -105,6 +137,8 @@ def main() -> None:
     def extra(ap: argparse.ArgumentParser) -> None:
         ap.add_argument("--profile", action="store_true",
                         help="also print a cProfile of the fresh-key path")
+        ap.add_argument("--baseline", metavar="REV", default=None,
+                        help="also run the package of git revision REV, interleaved")
 
     args = C.parse_args(__doc__.split("\n")[0], rounds=7, n=20_000, quick_n=2_000, extra=extra)
     bench = Bench()
@@ -116,6 +150,10 @@ def main() -> None:
         "idem, new key, heartbeat=False": bench.fresh(heartbeat=False),
         "idem, new key, both off": bench.fresh(fingerprint=False, heartbeat=False),
     }
+    if args.baseline:
+        old = Bench(load_baseline(args.baseline))
+        variants["baseline: idem, new key"] = old.fresh()
+        variants["baseline: idem, duplicate"] = old.duplicate
     res = C.interleave(variants, rounds=args.rounds, n=args.n, baseline="bare", args=args)
     bare = res["bare"]
     overhead: dict[str, float] = {}
@@ -130,6 +168,15 @@ def main() -> None:
         ])
     targets = []
     lines = []
+    if args.baseline:
+        for name in ("idem, new key", "idem, duplicate"):
+            # per round: the baseline's overhead minus ours, both from the same round
+            saved = [(b - o) / args.n * 1e6 for o, b in zip(
+                res[name].seconds, res[f"baseline: {name}"].seconds, strict=True)]
+            lines.append(f"{name}: overhead {overhead[f'baseline: {name}']:.2f} µs at "
+                         f"{args.baseline} -> {overhead[name]:.2f} µs; saved per round: median "
+                         f"{statistics.median(saved):.2f}, range {min(saved):.2f} to "
+                         f"{max(saved):.2f} µs")
     for name in ("idem, new key", "idem, duplicate"):
         line, t = C.target_line(f"overhead µs/call, {name}", overhead[name], TARGET_US,
                                 higher_is_better=False)
