@@ -30,12 +30,25 @@ Then, outside the timed rounds:
   bare handler, per round, median. The same decorator on ``MemoryStore`` runs alongside:
   the part of the overhead that is the decorator's, not RedisStore's.
 
-Run: ``.venv/bin/python benchmarks/bench_redis.py [--quick] [--json] [--rounds R] [--n N]``
+``--baseline REV`` adds the package of git revision ``REV`` (``git archive``, imported as
+``idempotent_baseline``) as ``baseline: ours, ...`` variants, interleaved with the others
+in the same process, against the same server and with the same fake clients: an A/B of
+our own changes that the machine's load hits alike on both sides.
+
+A ``RedisStore`` made from a URL (as here) runs its scripts on connections it keeps out of
+redis-py's pool between calls (`idempotent.stores.redis._Connections`); powertools' layer,
+given a client, goes through ``client.set``/``get``, i.e. redis-py's ``execute_command``
+with a pool checkout per command, as it would in production.
+
+Run: ``.venv/bin/python benchmarks/bench_redis.py [--quick] [--json] [--rounds R] [--n N]
+[--baseline REV]``
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
+import importlib
 import itertools
 import statistics
 import warnings
@@ -45,6 +58,7 @@ from typing import Any
 import _common as C  # sets up sys.path first
 import redis
 from _servers import RedisServer
+from bench_overhead import load_baseline
 
 from idempotent import MemoryStore, idempotent
 from idempotent.stores import _redis_scripts as lua
@@ -104,9 +118,15 @@ def powertools(client: Any) -> Callable[..., Any]:
         data_keyword_argument="msg", persistence_store=layer, config=config)(theirs_handler)
 
 
-def ours(store: RedisStore | MemoryStore) -> Callable[..., Any]:
-    return idempotent(store, key="id", namespace="bench.redis", lease=30, ttl=3600)(
+def ours(store: RedisStore | MemoryStore, lib: Any = None) -> Callable[..., Any]:
+    decorator = idempotent if lib is None else lib.idempotent
+    return decorator(store, key="id", namespace="bench.redis", lease=30, ttl=3600)(
         ours_handler)
+
+
+def redis_store_class(lib: Any) -> Any:
+    """``RedisStore`` of the package ``lib`` (the baseline's, for ``--baseline``)."""
+    return importlib.import_module(f"{lib.__name__}.stores.redis").RedisStore
 
 
 # -- in-process fakes (the Python overhead) -----------------------------------------------------
@@ -166,7 +186,7 @@ class FakeCache:
 
 # -- the benchmark ------------------------------------------------------------------------------
 class Bench:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, baseline: Any = None) -> None:
         self.url = url
         self.counter = itertools.count()
         self.store = RedisStore(url)
@@ -174,10 +194,16 @@ class Bench:
         self.ours = ours(self.store)
         self.theirs_client = redis.Redis.from_url(url, decode_responses=True)
         self.theirs = powertools(self.theirs_client)
+        self.base: Callable[..., Any] | None = None
+        if baseline is not None:
+            self.base_store = redis_store_class(baseline)(url)
+            self.base = ours(self.base_store, baseline)
         self.dups = self.messages(1000)
         for m in self.dups:
             self.ours(m)
             self.theirs(msg=m)
+            if self.base is not None:
+                self.base(m)
 
     def messages(self, n: int) -> list[dict[str, Any]]:
         return [{"id": f"m-{next(self.counter)}", "account": "acct-0042", "cents": 1234}
@@ -200,12 +226,19 @@ class Bench:
             raise AssertionError(f"got {out[-1]!r}")
         return t
 
+    def _fn(self, which: str) -> tuple[Callable[..., Any], bool]:
+        if which == "theirs":
+            return self.theirs, True
+        fn = self.base if which == "baseline" else self.ours
+        assert fn is not None
+        return fn, False
+
     def first(self, which: str) -> C.Variant:
-        fn, keyword = (self.ours, False) if which == "ours" else (self.theirs, True)
+        fn, keyword = self._fn(which)
         return lambda n: self.run(fn, self.messages(n), keyword)
 
     def duplicate(self, which: str) -> C.Variant:
-        fn, keyword = (self.ours, False) if which == "ours" else (self.theirs, True)
+        fn, keyword = self._fn(which)
         return lambda n: self.run(fn, [self.dups[i % len(self.dups)] for i in range(n)],
                                   keyword)
 
@@ -257,7 +290,7 @@ def commands(bench: Bench) -> dict[str, dict[str, float]]:
     return out
 
 
-def overhead(args: Any, n: int) -> dict[str, C.Result]:
+def overhead(args: Any, n: int, baseline: Any = None) -> dict[str, C.Result]:
     counter = itertools.count()
 
     def msgs(k: int) -> list[dict[str, Any]]:
@@ -266,10 +299,14 @@ def overhead(args: Any, n: int) -> dict[str, C.Result]:
 
     ours_dup = ours(RedisStore(FakeScripts()))
     theirs_dup = powertools(FakeCache())
+    base_dup = (None if baseline is None
+                else ours(redis_store_class(baseline)(FakeScripts()), baseline))
     dups = msgs(1000)
     for m in dups:
         ours_dup(m)
         theirs_dup(msg=m)
+        if base_dup is not None:
+            base_dup(m)
 
     def variant(make: Callable[[], Callable[..., Any]] | None, keyword: bool,
                 dup: Callable[..., Any] | None = None) -> C.Variant:
@@ -298,6 +335,11 @@ def overhead(args: Any, n: int) -> dict[str, C.Result]:
         "powertools, first-time key": variant(lambda: powertools(FakeCache()), True),
         "powertools, duplicate": variant(None, True, theirs_dup),
     }
+    if baseline is not None:
+        base_cls = redis_store_class(baseline)
+        variants["baseline: ours, first-time key"] = variant(
+            lambda: ours(base_cls(FakeScripts()), baseline), False)
+        variants["baseline: ours, duplicate"] = variant(None, False, base_dup)
     return C.interleave(variants, rounds=args.rounds, n=n, baseline="bare handler",
                         args=args, label="fake client: ")
 
@@ -368,9 +410,14 @@ def main() -> None:
     warnings.filterwarnings("ignore", message="Couldn't determine the remaining time left")
     # many short rounds: on a shared 2-core machine the load moves within seconds, and a
     # per-round ratio of two variants that ran a second apart cancels it best
-    args = C.parse_args(__doc__.split("\n")[0], rounds=15, n=1000, quick_n=300)
+    def extra(ap: argparse.ArgumentParser) -> None:
+        ap.add_argument("--baseline", metavar="REV", default=None,
+                        help="also run the package of git revision REV, interleaved")
+
+    args = C.parse_args(__doc__.split("\n")[0], rounds=15, n=1000, quick_n=300, extra=extra)
+    baseline = load_baseline(args.baseline) if args.baseline else None
     with RedisServer() as server:
-        bench = Bench(server.url)
+        bench = Bench(server.url, baseline)
         info = server.command("INFO", "server").decode()
         version = info.split("redis_version:")[1].split("\r")[0]
         C.log(args, f"redis-server {version} on {server.url}")
@@ -380,12 +427,17 @@ def main() -> None:
             "powertools, duplicate": bench.duplicate("theirs"),
             "ours, duplicate": bench.duplicate("ours"),
         }
-        res = C.interleave(
-            variants, rounds=args.rounds, n=args.n, args=args,
-            baseline={"ours, first-time key": "powertools, first-time key",
-                      "ours, duplicate": "powertools, duplicate",
-                      "powertools, first-time key": "powertools, first-time key",
-                      "powertools, duplicate": "powertools, duplicate"})
+        against = {"ours, first-time key": "powertools, first-time key",
+                   "ours, duplicate": "powertools, duplicate",
+                   "powertools, first-time key": "powertools, first-time key",
+                   "powertools, duplicate": "powertools, duplicate"}
+        if baseline is not None:
+            variants["baseline: ours, first-time key"] = bench.first("baseline")
+            variants["baseline: ours, duplicate"] = bench.duplicate("baseline")
+            against["baseline: ours, first-time key"] = "powertools, first-time key"
+            against["baseline: ours, duplicate"] = "powertools, duplicate"
+        res = C.interleave(variants, rounds=args.rounds, n=args.n, args=args,
+                           baseline=against)
         batch_n = max(2, args.n // BATCH)
         bres = C.interleave({"100 sequential claims": bench.sequential,
                              "claim_many(100)": bench.batch},
@@ -395,7 +447,9 @@ def main() -> None:
         lay = layouts(server.url)
         bench.store.close()
         bench.theirs_client.close()
-    ores = overhead(args, 5000 if args.quick else 20_000)
+        if baseline is not None:
+            bench.base_store.close()
+    ores = overhead(args, 5000 if args.quick else 20_000, baseline)
     bare = ores["bare handler"]
     over = {k: statistics.median((v - b) / r.n * 1e6
                                  for v, b in zip(r.seconds, bare.seconds, strict=True))
