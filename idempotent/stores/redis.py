@@ -172,7 +172,10 @@ class RedisStore(Store):
     makes a ``redis.Redis`` (``cluster=True``: a ``RedisCluster``; ``use_asyncio=True``:
     the asyncio variant), with ``client_options`` passed to its ``from_url``; unless they
     give ``retry=``, a standalone client reconnects once at once and leaves further
-    attempts to the decorator's retry policy. Clients must not decode responses.
+    attempts to the decorator's retry policy. Clients must not decode responses. With a
+    sync standalone client made from a URL, the scripts run on connections the store
+    keeps out of the pool between calls (`_Connections`; about 20 µs of client CPU less
+    per command than ``execute_command``); a client passed in is used as it is.
 
     ``prefix`` starts every key name. ``max_result_bytes`` bounds a stored result: a
     larger one is refused by `complete` with `ResultNotSerializable` and the claim is
