@@ -42,7 +42,8 @@ pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 VISIBILITY = 30  # seconds: the killed-child tests see redelivery by reject_on_worker_lost
 SHORT_VISIBILITY = 2  # seconds, for the countdown test's worker (broker database 2: the
 # unacked set is per database, and any worker sweeps it with its own visibility timeout)
-LEASE = 6  # lease of t.charge (lease mode); longer than the worker takes to see a lost child
+LEASE = 10  # lease of the lease-mode tasks; well beyond the time a worker takes to see a
+# lost child (up to ~3.5 s seen on a loaded machine), so the requeued copy meets a live lease
 WAIT = 60.0  # deadline of every wait on a condition
 
 
