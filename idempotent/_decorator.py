@@ -344,9 +344,10 @@ class _Handler:
         fault). The first attempt runs in the caller's frame (for async handlers in the
         handler's greenlet); the further ones under the policy, whose backoff sleeps on
         the event loop for async handlers, not in the greenlet."""
-        if self.direct or not self._retries(exc):  # an in-process store: nothing to retry
-            if not self.direct:
-                self._raise_unavailable(exc, key)
+        if self.direct:  # an in-process store: no faults to retry or to translate
+            raise exc
+        if not self._retries(exc):
+            self._raise_unavailable(exc, key)
             raise exc
         self._emit("store_retry", key, perf_counter() - started, 1, exc)
         retrying = self._observed_retrying(key, started)
