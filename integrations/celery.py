@@ -19,8 +19,9 @@ What the task does, per delivery (in ``__call__``, which runs in the worker's po
   **transactional mode**: its writes and the key commit in one transaction; any other task
   runs in **lease mode**;
 * a **duplicate** returns the stored result; the body does not run;
-* `AlreadyInProgress` (another worker holds the key) becomes ``self.retry`` with the
-  countdown the store gives (``retry_after``); `LeaseLost` (this run's lease ran out and
+* `AlreadyInProgress` (another worker holds the key) becomes ``self.retry`` with a
+  countdown of 1, 2, 4 ... seconds (``idempotency_backoff``), never beyond the end of the
+  holder's lease (``retry_after``); `LeaseLost` (this run's lease ran out and
   another delivery took the key over) a retry that will find that delivery's result;
   `StoreUnavailable` a retry with exponential backoff. None of them counts against the
   task's ``max_retries`` (none is the message's fault; `StoreUnavailable` has its own
@@ -116,7 +117,9 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
       ``ttl``, ``lease``, ``retry``, ``serializer``, ``keep_failures``, ``heartbeat``,
       ``optimistic``, ``scope``, ``namespace``; the namespace defaults to the task's name);
     * ``idempotency_backoff`` / ``idempotency_backoff_max``: seconds of the first / the
-      longest retry countdown after `StoreUnavailable` (doubling, with jitter);
+      longest retry countdown after `StoreUnavailable` or `AlreadyInProgress` (doubling
+      with the message's retries, with jitter; for `AlreadyInProgress` never beyond the
+      holder's lease);
     * ``idempotency_store_retries``: after `StoreUnavailable`, the task fails once the
       message has been retried this many times (``request.retries``, which counts retries
       of every kind); None: retry until the store is back. Meanwhile the message is never
@@ -167,8 +170,10 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
         try:
             return handler(*args, **kwargs)
         except AlreadyInProgress as exc:
-            # another delivery holds the key; come back when its lease or lock may be gone
-            countdown = max(exc.retry_after, 0.1) * random.uniform(1.0, 1.5)
+            # another delivery holds the key. Its lease may run long while it finishes
+            # soon, and a retry that finds the key done is cheap (a stored result): come
+            # back after 1, 2, 4 ... x backoff, never later than the lease's end
+            countdown = min(max(exc.retry_after, 0.1), self._backoff()) * random.uniform(1.0, 1.5)
             raise self._retry_later(exc, countdown, None) from exc
         except LeaseLost as exc:
             # our lease ran out and another delivery took the key over: its result is the
@@ -176,10 +181,13 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
             countdown = self.idempotency_backoff * random.uniform(1.0, 1.5)
             raise self._retry_later(exc, countdown, None) from exc
         except StoreUnavailable as exc:
-            n = self.request.retries or 0
-            countdown = min(self.idempotency_backoff * 2.0 ** min(n, 30),
-                            self.idempotency_backoff_max) * random.uniform(0.5, 1.0)
+            countdown = self._backoff() * random.uniform(0.5, 1.0)
             raise self._retry_later(exc, countdown, self.idempotency_store_retries) from exc
+
+    def _backoff(self) -> float:
+        """backoff x 2^retries of this message, at most backoff_max seconds."""
+        n = min(self.request.retries or 0, 30)
+        return float(min(self.idempotency_backoff * 2.0**n, self.idempotency_backoff_max))
 
     def _retry_later(self, exc: Exception, countdown: float, limit: int | None) -> Exception:
         """``self.retry`` with our own limit; a failed publish requeues the message instead
