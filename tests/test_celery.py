@@ -32,6 +32,7 @@ from _celery_harness import Broker, Worker, log_count, payments_rows, wait_until
 from _servers import PostgresServer, RedisServer
 from celery import Celery
 from celery.backends.redis import RedisBackend
+from celery.exceptions import Reject
 from idempotent.integrations.celery import IdempotentTask, send_once, task_id_for
 from kombu import Connection
 
@@ -377,3 +378,28 @@ def test_in_progress_outside_a_worker_is_raised_not_retried() -> None:
         task({"id": "k"})
     assert 0 < info.value.retry_after <= 30
     assert task.calls == []
+
+
+def test_a_retry_that_cannot_be_published_requeues_the_message() -> None:
+    """Celery answers a retry it cannot publish with Reject(requeue=False), which drops the
+    message; the task turns it into Reject(requeue=True), carrying the broker's error."""
+    app = Celery("local", broker="redis://127.0.0.1:9/0", set_as_current=False)  # refused
+    app.conf.broker_connection_retry = False
+    store = MemoryStore()
+
+    @app.task(base=IdempotentTask, idempotency_store=store, idempotency_key="id",
+              name="local.unpublishable", idempotency_options={"lease": 30})
+    def unpublishable(payload: dict[str, Any]) -> int:
+        return 1
+
+    store.claim("local.unpublishable", "k", fingerprint=None, lease=30)  # AlreadyInProgress
+    payload = {"id": "k"}
+    unpublishable.push_request(id="tid-1", called_directly=False, retries=0,
+                               delivery_info={}, args=[payload], kwargs={})
+    try:
+        with pytest.raises(Reject) as info:
+            unpublishable(payload)
+    finally:
+        unpublishable.pop_request()
+    assert info.value.requeue is True
+    assert "Connection refused" in str(info.value.reason)
