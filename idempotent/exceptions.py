@@ -13,12 +13,31 @@ if TYPE_CHECKING:
 
 
 class IdempotencyError(Exception):
-    """Root of every error raised by `idempotent`."""
+    """Root of every error raised by `idempotent`.
+
+    Every class can be built from its message alone (``cls(message)``), its data then
+    None, and pickles with its data: so a task queue that sends exceptions back to the
+    caller (Celery's result backends: by type name and message with JSON, whole with
+    pickle) gives back the same class.
+    """
 
     def __init__(self, message: str, *, namespace: str | None = None, key: str | None = None):
         super().__init__(message)
         self.namespace = namespace
         self.key = key
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # the default rebuilds with cls(*args), which loses the keyword-only data
+        return _rebuild, (type(self), self.args, self.__dict__.copy())
+
+
+def _rebuild(
+    cls: type[IdempotencyError], args: tuple[object, ...], data: dict[str, object]
+) -> IdempotencyError:
+    exc = cls.__new__(cls)
+    exc.args = args
+    exc.__dict__.update(data)
+    return exc
 
 
 class MissingIdempotencyKey(IdempotencyError, LookupError):
@@ -39,10 +58,10 @@ class IdempotencyKeyConflict(IdempotencyError, ValueError):
         self,
         message: str,
         *,
-        namespace: str,
-        key: str,
-        record: Record,
-        fingerprint: str | None,
+        namespace: str | None = None,
+        key: str | None = None,
+        record: Record | None = None,
+        fingerprint: str | None = None,
     ):
         super().__init__(message, namespace=namespace, key=key)
         self.record = record
@@ -60,8 +79,8 @@ class AlreadyInProgress(IdempotencyError):
         self,
         message: str,
         *,
-        namespace: str,
-        key: str,
+        namespace: str | None = None,
+        key: str | None = None,
         lease_until: float | None = None,
         retry_after: float = 1.0,
     ):
@@ -89,7 +108,14 @@ class PreviousAttemptFailed(IdempotencyError):
     given in ``keep_failures``; ``record.result`` holds the error's type and message.
     """
 
-    def __init__(self, message: str, *, namespace: str, key: str, record: Record):
+    def __init__(
+        self,
+        message: str,
+        *,
+        namespace: str | None = None,
+        key: str | None = None,
+        record: Record | None = None,
+    ):
         super().__init__(message, namespace=namespace, key=key)
         self.record = record
 
@@ -112,7 +138,7 @@ class StoreUnavailable(IdempotencyError):
         self,
         message: str,
         *,
-        cause: BaseException,
+        cause: BaseException | None = None,
         namespace: str | None = None,
         key: str | None = None,
     ):

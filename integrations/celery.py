@@ -45,7 +45,6 @@ messages with one task id, which run the body once.
 
 from __future__ import annotations
 
-import copyreg
 import functools
 import inspect
 import os
@@ -72,7 +71,6 @@ from idempotent._canonical import canonical_json
 from idempotent._decorator import idempotent
 from idempotent.exceptions import (
     AlreadyInProgress,
-    IdempotencyError,
     LeaseLost,
     MissingIdempotencyKey,
     StoreUnavailable,
@@ -296,31 +294,6 @@ def _forget_inherited_connections(store: Store) -> None:
     engine = getattr(store, "engine", None)
     if isinstance(engine, sa.Engine):
         engine.dispose(close=False)
-
-
-def _rebuild_error(cls: type[IdempotencyError], args: tuple[Any, ...],
-                   state: dict[str, Any]) -> IdempotencyError:
-    exc = cls.__new__(cls, *args)
-    exc.__dict__.update(state)
-    return exc
-
-
-def _reduce_error(exc: IdempotencyError) -> tuple[Any, ...]:
-    return _rebuild_error, (type(exc), exc.args, dict(exc.__dict__))
-
-
-def _keep_error_types_through_pickle() -> None:
-    """Our errors take keyword-only data, which ``pickle``'s default (``cls(*args)``) cannot
-    give back; Celery then stores the nearest picklable base class (`IdempotencyError`)
-    instead of, say, `IdempotencyKeyConflict`. Rebuild them from their args and data."""
-    todo: list[type[IdempotencyError]] = [IdempotencyError]
-    while todo:
-        cls = todo.pop()
-        copyreg.pickle(cls, _reduce_error)
-        todo.extend(cls.__subclasses__())
-
-
-_keep_error_types_through_pickle()
 
 
 def idempotent_task(

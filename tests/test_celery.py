@@ -36,7 +36,13 @@ from celery.exceptions import Reject
 from idempotent.integrations.celery import IdempotentTask, send_once, task_id_for
 from kombu import Connection
 
-from idempotent import AlreadyInProgress, MemoryStore, MissingIdempotencyKey, SqlStore
+from idempotent import (
+    AlreadyInProgress,
+    IdempotencyKeyConflict,
+    MemoryStore,
+    MissingIdempotencyKey,
+    SqlStore,
+)
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
@@ -205,6 +211,7 @@ def test_same_key_other_arguments_is_a_conflict_not_a_retry(env: Env) -> None:
     env.wait_drained()
     assert meta["status"] == "FAILURE"
     assert env.stored_error_type(second) == "IdempotencyKeyConflict"
+    assert isinstance(meta["result"], IdempotencyKeyConflict)  # the client gets the type back
     assert "was first used with another payload" in str(meta["result"])
     assert meta["retries"] == 0
     assert log_count([env.worker], f"t.apply_payment[{second}] raised unexpected") == 1
