@@ -23,9 +23,12 @@ What the task does, per delivery (in ``__call__``, which runs in the worker's po
   countdown of 1, 2, 4 ... seconds (``idempotency_backoff``), never beyond the end of the
   holder's lease (``retry_after``); `LeaseLost` (this run's lease ran out and
   another delivery took the key over) a retry that will find that delivery's result;
-  `StoreUnavailable` a retry with exponential backoff. None of them counts against the
+  `StoreUnavailable` a retry with exponential backoff. None of them is stopped by the
   task's ``max_retries`` (none is the message's fault; `StoreUnavailable` has its own
-  limit, ``store_retries``, unlimited by default). A retry publishes a new message (same
+  limit, ``store_retries``, unlimited by default), but Celery has one retry counter
+  (``request.retries``) and they advance it: a task that also retries itself (its own
+  ``self.retry`` or ``autoretry_for``) has that many fewer of its own retries left, so
+  give it a ``max_retries`` with room for them. A retry publishes a new message (same
   task id) before the current one is acked; if that publish fails, the message is
   requeued, never acked as done;
 * **bad input** (`MissingIdempotencyKey`, `IdempotencyKeyConflict`, a key of the wrong
@@ -190,7 +193,9 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
     def _retry_later(self, exc: Exception, countdown: float, limit: int | None) -> Exception:
         """``self.retry`` with our own limit; a failed publish requeues the message instead
         of Celery's default (reject without requeue, which drops it)."""
-        if self.request.called_directly:  # no worker: nothing to retry with
+        if self.request.called_directly or self.request.is_eager:
+            # no worker (a direct call, apply(), task_always_eager): Celery would run the
+            # retry at once, recursively and without the countdown; raise the error instead
             return exc
         max_retries = _UNLIMITED if limit is None else limit
         try:

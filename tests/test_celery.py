@@ -387,6 +387,19 @@ def test_in_progress_outside_a_worker_is_raised_not_retried() -> None:
     assert task.calls == []
 
 
+def test_eager_mode_raises_in_progress_instead_of_recursing() -> None:
+    """apply() (as task_always_eager uses) has no worker: AlreadyInProgress reaches the
+    caller at once, rather than Celery re-running the retry recursively without its
+    countdown until RecursionError."""
+    store = MemoryStore()
+    task = _local_task(idempotency_store=store, idempotency_key="id", name="local.eager",
+                       idempotency_options={"lease": 30})
+    store.claim("local.eager", "k", fingerprint=None, lease=30)
+    result = task.apply(({"id": "k"},))
+    assert isinstance(result.result, AlreadyInProgress) and result.status == "FAILURE"
+    assert task.calls == []
+
+
 def test_a_retry_that_cannot_be_published_requeues_the_message() -> None:
     """Celery answers a retry it cannot publish with Reject(requeue=False), which drops the
     message; the task turns it into Reject(requeue=True), carrying the broker's error."""
