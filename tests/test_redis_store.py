@@ -384,6 +384,16 @@ def test_open_store_and_client_kinds(redis_url: str) -> None:
         RedisStore(client, cluster=True)
 
 
+def test_close_gives_kept_connections_back_to_the_pool(redis_url: str) -> None:
+    """A store made from a URL keeps its own connections between calls; close() returns
+    them to the pool, so a bounded pool (max_connections=1) still serves after a close."""
+    store = RedisStore(redis_url, max_connections=1)
+    for i in range(3):
+        assert isinstance(store.claim("ns", f"k{i}", fingerprint=None), Claimed)
+        store.close()
+    assert store.get("ns", "k2") is not None
+
+
 def test_acl_user_and_password_in_the_url(redis_server: RedisServer, redis_url: str) -> None:
     """redis://user:password@host works with an ACL user limited to the store's keys."""
     admin = redis.Redis.from_url(redis_url)

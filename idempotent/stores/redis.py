@@ -149,13 +149,21 @@ class _Connections:
                 lambda: _roundtrip(conn, args), lambda _error: conn.disconnect())
         finally:
             if self.reconnects and conn.should_reconnect():
+                # disconnect only: redis-py connects again on the next send, and a connect
+                # failing here would hide this call's own result (a claim already made)
                 conn.disconnect()
-                conn.connect()
             self.idle.append(conn)
 
     def clear(self) -> None:
-        """Forget the kept connections (after the pool disconnected them all)."""
-        self.idle.clear()
+        """Give the kept connections back to the pool (after it disconnected them all),
+        so its count of connections in use stays right."""
+        idle = self.idle
+        while idle:
+            try:
+                conn = idle.pop()
+            except IndexError:  # another thread took the last one meanwhile
+                break
+            self.pool.release(conn)
 
 
 def _roundtrip(conn: Any, args: tuple[Any, ...]) -> Any:
