@@ -202,6 +202,26 @@ def log_count(workers: list[Worker], needle: str) -> int:
     return total
 
 
+def ledger_database(pg_server: Any, prefix: str) -> tuple[str, str]:
+    """A new database on ``pg_server`` holding the example ledger tables and the records
+    table; returns its name and SQLAlchemy URL (the caller drops it)."""
+    import uuid
+
+    import sqlalchemy as sa
+    from _celery_app import metadata
+
+    from idempotent import SqlStore
+
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    pg_server.create_database(name)
+    url: str = pg_server.url_for(name)
+    engine = sa.create_engine(url)
+    metadata.create_all(engine)
+    SqlStore(engine).create_schema()
+    engine.dispose()
+    return name, url
+
+
 def payments_rows(engine: Any, task: str | None = None) -> dict[str, list[int]]:
     """payment_id -> the cents of each ledger row (two entries: applied twice)."""
     import sqlalchemy as sa

@@ -22,13 +22,20 @@ from _celery_app import (
     apply_payment,
     charge,
     charge_redis,
-    metadata,
     plain_apply,
     psp_calls,
     unreachable,
 )
 from _celery_app import psp_charges as psp_charges_table
-from _celery_harness import Broker, Worker, log_count, payments_rows, wait_until, worker_env
+from _celery_harness import (
+    Broker,
+    Worker,
+    ledger_database,
+    log_count,
+    payments_rows,
+    wait_until,
+    worker_env,
+)
 from _servers import PostgresServer, RedisServer
 from celery import Celery
 from celery.backends.redis import RedisBackend
@@ -41,7 +48,6 @@ from idempotent import (
     IdempotencyKeyConflict,
     MemoryStore,
     MissingIdempotencyKey,
-    SqlStore,
 )
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
@@ -116,13 +122,7 @@ def env(pg_server: PostgresServer) -> Iterator[Env]:
     logs, marks = tmp / "logs", tmp / "marks"
     logs.mkdir()
     marks.mkdir()
-    db = f"celery_{uuid.uuid4().hex[:8]}"
-    pg_server.create_database(db)
-    db_url = pg_server.url_for(db)
-    engine = sa.create_engine(db_url)
-    metadata.create_all(engine)
-    SqlStore(engine).create_schema()
-    engine.dispose()
+    db, db_url = ledger_database(pg_server, "celery")
     broker = RedisServer().start()
     servers = {"backend": broker.url_for(1), "db": db_url, "marks": marks, "lease": LEASE,
                "redis_store": broker.url_for(3)}

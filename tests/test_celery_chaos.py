@@ -19,7 +19,6 @@ import random
 import shutil
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,13 +26,11 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from _celery_app import apply_payment, metadata
-from _celery_harness import Broker, Worker, payments_rows, wait_until, worker_env
+from _celery_app import apply_payment
+from _celery_harness import Broker, Worker, ledger_database, payments_rows, wait_until, worker_env
 from _servers import PostgresServer, RedisServer
 from idempotent.integrations.celery import send_once
 from kombu import Connection
-
-from idempotent import SqlStore
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
@@ -72,13 +69,7 @@ def broker() -> Iterator[RedisServer]:
 
 @pytest.fixture
 def db(pg_server: PostgresServer) -> Iterator[tuple[str, str]]:
-    name = f"chaos_{uuid.uuid4().hex[:8]}"
-    pg_server.create_database(name)
-    url = pg_server.url_for(name)
-    engine = sa.create_engine(url)
-    metadata.create_all(engine)
-    SqlStore(engine).create_schema()
-    engine.dispose()
+    name, url = ledger_database(pg_server, "chaos")
     try:
         yield name, url
     finally:
