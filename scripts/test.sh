@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run the test suite: bash scripts/test.sh [pytest args...]
-# Installs the PostgreSQL server and redis-server with apt (as root) when missing;
-# the suite itself starts and stops its own private servers on 127.0.0.1.
+# Installs the PostgreSQL server, redis-server/redis-cli and openssl with apt (as root)
+# when missing; the suite itself starts and stops its own private servers on 127.0.0.1.
 set -euo pipefail
 # shellcheck source=scripts/_env.sh
 source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
@@ -52,8 +52,13 @@ if ! have_initdb; then
     apt_install "PostgreSQL server (initdb)" postgresql
 fi
 
-if ! command -v redis-server >/dev/null 2>&1; then
-    apt_install "redis-server" redis-server
+if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/null 2>&1; then
+    apt_install "redis-server and redis-cli" redis-server redis-tools
+fi
+
+# The rediss:// test makes a throwaway CA and certificate with openssl.
+if ! command -v openssl >/dev/null 2>&1; then
+    apt_install "openssl" openssl
 fi
 
 exec .venv/bin/python -m pytest "$@"
