@@ -16,10 +16,12 @@ from .exceptions import (
     IdempotencyError,
     IdempotencyKeyConflict,
     IncompatibleRecord,
+    InvalidIdempotencyKey,
     LeaseLost,
     MissingIdempotencyKey,
     PreviousAttemptFailed,
     ResultNotSerializable,
+    ResultNotStored,
     StoreUnavailable,
 )
 from .retry import is_transient, no_retry, transient_retry
@@ -51,6 +53,7 @@ __all__ = [
     "IdempotencyKeyConflict",
     "InProgress",
     "IncompatibleRecord",
+    "InvalidIdempotencyKey",
     "JSONSerializer",
     "LeaseLost",
     "MemoryStore",
@@ -59,6 +62,7 @@ __all__ = [
     "Record",
     "RedisStore",
     "ResultNotSerializable",
+    "ResultNotStored",
     "Serializer",
     "SqlStore",
     "State",

@@ -17,7 +17,7 @@ from typing import Any, TypeVar, cast
 
 import tenacity
 
-from . import _context, _heartbeat, _keys, _machine
+from . import _context, _heartbeat, _keys, _rules
 from ._canonical import fingerprint as sha256_fingerprint
 from ._record import Claimed, Record, State
 from .events import LISTENERS, Event, Listener, emit
@@ -490,7 +490,7 @@ class _Handler:
                       started: float) -> None:
         """Store a ``keep_failures`` exception as the key's failed result."""
         store, ns, ttl = self.store, self.namespace, self.ttl
-        failure = _machine.failure_result(exc)
+        failure = _rules.failure_result(exc)
         try:
             self._store_op(key, store.complete, ns, key, token, failure, ttl=ttl,
                            state=State.FAILED)
@@ -536,9 +536,9 @@ class _Handler:
 
     def _replay(self, record: Record, fp: str | None, key: str, watched: object,
                 started: float) -> Any:
-        """A duplicate's answer (`_machine.replay`), reported as an event."""
+        """A duplicate's answer (`_rules.replay`), reported as an event."""
         try:
-            value = _machine.replay(record, fp, self.serializer, self.store.clock())
+            value = _rules.replay(record, fp, self.serializer, self.store.now())
         except IdempotencyKeyConflict:
             self._emit("conflict", key, perf_counter() - started if watched else None)
             raise

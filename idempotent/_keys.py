@@ -13,13 +13,31 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from ._canonical import canonical_json
-from .exceptions import MissingIdempotencyKey
+from .exceptions import InvalidIdempotencyKey, MissingIdempotencyKey
 
 #: Longest key or namespace (in characters) stored as is; longer ones are hashed.
 MAX_KEY_LENGTH = 128
 _HASH_PREFIX = "sha256:"
 
 KeySpec = str | Callable[..., Any]
+
+
+def check_text(what: str, value: str) -> None:
+    """Refuse text that a store cannot hold exactly: a NUL (PostgreSQL refuses or cuts
+    it) or a lone surrogate (not encodable as UTF-8). ``what``: key, namespace, scope."""
+    if type(value) is not str:
+        raise TypeError(f"a {what} must be str, not {type(value).__qualname__}")
+    if "\x00" in value:
+        raise InvalidIdempotencyKey(
+            f"the {what} {value!r} contains a NUL character, which stores cannot hold "
+            "exactly; refused, nothing was recorded")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidIdempotencyKey(
+                f"the {what} {value!r} is not valid Unicode text (a lone surrogate at "
+                f"{exc.start}); refused, nothing was recorded") from None
 
 
 def fit(value: str) -> str:

@@ -322,7 +322,7 @@ def run_inspect(args: argparse.Namespace, opened: list[Store]) -> int:
     if record is None:
         _known_namespace(store, namespace)
         raise CommandError(f"no record of key {args.key!r} in namespace {namespace!r}")
-    now = store.clock()
+    now = store.now()
     doc = record_doc(record, now)
     _emit(args, doc, _record_text(doc, now, record))
     return 0
@@ -392,6 +392,6 @@ def run_stats(args: argparse.Namespace, opened: list[Store]) -> int:
     if args.namespace is not None and not stats.counts:
         raise CommandError(
             f"unknown namespace {args.namespace!r}: the store holds no records of it")
-    doc = stats_doc(stats, store.clock())
+    doc = stats_doc(stats, store.now())
     _emit(args, doc, _stats_text(doc))
     return 0

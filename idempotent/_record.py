@@ -50,9 +50,11 @@ class Completed:
 
 @dataclass(slots=True)
 class InProgress:
-    """Another worker holds a live lease on the key until ``record.lease_until``."""
+    """Another worker holds a live lease on the key until ``record.lease_until``;
+    ``now`` is the store's time when the claim found it."""
 
     record: Record
+    now: float
 
 
 Outcome = Claimed | Completed | InProgress

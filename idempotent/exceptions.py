@@ -48,6 +48,13 @@ class MissingIdempotencyKey(IdempotencyError, LookupError):
     """
 
 
+class InvalidIdempotencyKey(IdempotencyError, ValueError):
+    """A key, namespace or scope that no store can hold exactly: it contains a NUL
+    character or a lone surrogate (text that is not valid UTF-8). Refused before anything
+    is written, on every store: a store that silently cut or replaced such a character
+    would make two messages one key."""
+
+
 class IdempotencyKeyConflict(IdempotencyError, ValueError):
     """A key was reused with another payload: its fingerprint differs from the first one.
 
@@ -121,11 +128,31 @@ class PreviousAttemptFailed(IdempotencyError):
 
 
 class ResultNotSerializable(IdempotencyError, TypeError):
-    """The handler's result cannot be encoded by the serializer; nothing was recorded.
+    """The handler's result cannot be encoded by the serializer (or is larger than the
+    store holds).
 
-    In transactional mode the handler's writes were rolled back with it; in lease mode the
-    claim was released so a redelivery can try again.
+    Raised in transactional mode, where the handler's writes were rolled back with it:
+    nothing was recorded and a redelivery runs again. In lease mode the handler's effect
+    has happened, so the key is completed anyway (see `ResultNotStored`) and the call
+    returns the value.
     """
+
+
+class ResultNotStored(IdempotencyError):
+    """A duplicate of a lease-mode key whose handler ran once but whose result could not
+    be stored (not serialisable, or too large). The message was processed: acknowledge
+    it, do not run it again. ``record`` is the stored record."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        namespace: str | None = None,
+        key: str | None = None,
+        record: Record | None = None,
+    ):
+        super().__init__(message, namespace=namespace, key=key)
+        self.record = record
 
 
 class StoreUnavailable(IdempotencyError):

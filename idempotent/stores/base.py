@@ -1,11 +1,18 @@
 """The store interface: a base class that owns the public methods.
 
 A store does atomic storage operations and nothing else; what they mean (when a record
-may be taken over, what a duplicate gets) is decided in `idempotent._machine`. Subclasses
-fill in the ``_private`` methods, each of which must be atomic on its own.
+may be claimed, taken over, purged; what a duplicate gets) is written once in
+`idempotent._rules`. Subclasses fill in the ``_private`` methods, each of which must be
+atomic on its own and implement the rule its docstring names.
+
+**Time is the store's.** The public methods pass ``now=None`` to the subclass, which then
+decides with its own clock (PostgreSQL ``clock_timestamp()``, Redis ``TIME`` inside the
+script, the local clock for SQLite and memory), and durations (``lease``, ``ttl``) rather
+than deadlines, so a worker whose clock runs ahead cannot take over a live lease. A
+``clock=`` given to the store (tests only) is read here and passed as ``now``.
 
 Every method here is synchronous. ``async def`` handlers reach them through SQLAlchemy's
-greenlet bridge (`idempotent._bridge`), so the record state machine exists once.
+greenlet bridge, so the record state machine exists once.
 """
 
 from __future__ import annotations
@@ -14,16 +21,9 @@ import os
 import time
 from collections.abc import Callable, Iterable
 
-from .._record import (
-    Claimed,
-    Completed,
-    InProgress,
-    Outcome,
-    Record,
-    State,
-    StateCount,
-    StoreStats,
-)
+from .._keys import check_text
+from .._record import Outcome, Record, State, StateCount, StoreStats
+from .._rules import claimable, outcome_of, purgeable
 from ..exceptions import LeaseLost
 
 # Module constants: reading an enum member off its class costs ~70 ns in Python 3.11.
@@ -34,6 +34,14 @@ _urandom = os.urandom
 DEFAULT_TTL = 7 * 24 * 3600.0
 #: How long a lease-mode claim holds a key before another worker may take it over.
 DEFAULT_LEASE = 30.0
+#: The shortest lease a handler may ask for: below it, one slow round trip or a GC pause
+#: outlasts the lease and another worker takes over a live handler.
+MIN_LEASE = 1.0
+
+__all__ = [
+    "DEFAULT_LEASE", "DEFAULT_TTL", "MIN_LEASE", "Store", "check_durations", "claimable",
+    "count_states", "new_token", "outcome_of", "purgeable",
+]
 
 
 def new_token() -> str:
@@ -42,14 +50,33 @@ def new_token() -> str:
     return os.urandom(16).hex()
 
 
+def check_durations(lease: float | None, ttl: float) -> None:
+    """Refuse a lease or ttl no store can honour (checked where a handler is declared)."""
+    if not ttl > 0:  # also refuses NaN
+        raise ValueError(f"ttl must be a positive number of seconds, not {ttl!r}")
+    if lease is not None and not (MIN_LEASE <= lease < float("inf")):
+        raise ValueError(
+            f"lease must be at least {MIN_LEASE} s and finite, not {lease!r}: a shorter one "
+            "lets a slow round trip hand a live handler's key to another worker"
+        )
+
+
 class Store:
-    """Base of every store. ``clock`` returns epoch seconds (tests inject their own)."""
+    """Base of every store. ``clock`` (epoch seconds) is for tests only: None, the
+    default, lets the store decide time on its own clock."""
 
     #: True when the store can run a handler's writes in the same transaction as the key.
     transactional = False
+    #: Largest result (bytes) the store holds, or None for no limit of its own.
+    max_result_bytes: int | None = None
 
-    def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, *, clock: Callable[[], float] | None = None) -> None:
         self.clock = clock
+
+    def now(self) -> float:
+        """The store's time, epoch seconds (the injected clock if there is one)."""
+        clock = self.clock
+        return clock() if clock is not None else self._now()
 
     # -- lease mode ------------------------------------------------------------------
     def claim(
@@ -61,16 +88,19 @@ class Store:
         lease: float = DEFAULT_LEASE,
         ttl: float = DEFAULT_TTL,
     ) -> Outcome:
-        """Claim ``key`` for ``lease`` seconds, atomically.
+        """Claim ``key`` for ``lease`` seconds, atomically (rule CLAIMABLE).
 
-        Returns `Claimed` (a new key, an expired record, or a lease that ran out),
-        `Completed` (already processed, or kept as failed) or `InProgress` (another
-        worker's lease is live).
+        Returns `Claimed` (a new key, an expired record, or a lease that ran out:
+        ``taken_over``), `Completed` (already processed, or kept as failed) or
+        `InProgress` (another worker's lease is live).
         """
+        check_text("namespace", namespace)
+        check_text("key", key)
+        clock = self.clock
         for _ in range(8):  # a record released between our two reads: look again
-            now = self.clock()
             token = _urandom(16).hex()  # new_token(), inline: a frame less per claim
-            outcome = self._claim(namespace, key, fingerprint, token, now, now + lease, now + ttl)
+            outcome = self._claim(namespace, key, fingerprint, token,
+                                  None if clock is None else clock(), lease, ttl)
             if outcome is not None:
                 return outcome
         raise RuntimeError(f"claim of {namespace}/{key} kept racing with release")
@@ -85,13 +115,15 @@ class Store:
         ttl: float = DEFAULT_TTL,
         state: State = State.COMPLETED,
     ) -> None:
-        """Store ``result`` and mark the key done, only while ``token`` owns it.
+        """Store ``result`` and mark the key done, only while ``token`` owns it (rule
+        FENCED); it is then remembered ``ttl`` seconds.
 
         Raises `LeaseLost` when another worker took the key over: its record is left
         untouched. Completing twice with the same token is harmless.
         """
-        now = self.clock()
-        if not self._complete(namespace, key, token, result, state, now, now + ttl):
+        clock = self.clock
+        if not self._complete(namespace, key, token, result, state,
+                              None if clock is None else clock(), ttl):
             raise LeaseLost(
                 f"{namespace}: lease on key {key!r} was lost; result not stored",
                 namespace=namespace,
@@ -99,14 +131,16 @@ class Store:
             )
 
     def release(self, namespace: str, key: str, token: str) -> bool:
-        """Forget a claim so a redelivery can run; False when the token no longer owns it."""
+        """Forget a claim so a redelivery can run; False when the token no longer owns it
+        (rule FENCED)."""
         return self._release(namespace, key, token)
 
     def renew(self, namespace: str, key: str, token: str, lease: float) -> float:
-        """Extend a live lease to ``now + lease``; returns the new deadline or raises
-        `LeaseLost`."""
-        until = self.clock() + lease
-        if not self._renew(namespace, key, token, until):
+        """Extend a live lease to the store's ``now + lease`` (rule FENCED); returns the
+        new deadline or raises `LeaseLost`."""
+        clock = self.clock
+        until = self._renew(namespace, key, token, None if clock is None else clock(), lease)
+        if until is None:
             raise LeaseLost(
                 f"{namespace}: lease on key {key!r} was lost before renewal",
                 namespace=namespace,
@@ -116,6 +150,8 @@ class Store:
 
     def get(self, namespace: str, key: str) -> Record | None:
         """The record of ``key``, or None."""
+        check_text("namespace", namespace)
+        check_text("key", key)
         return self._get(namespace, key)
 
     def claim_many(
@@ -150,28 +186,35 @@ class Store:
             raise ValueError("batch must be at least 1")
         if older_than is not None and older_than < 0:
             raise ValueError("older_than must not be negative")
-        now = self.clock()
-        created_before = None if older_than is None else now - older_than
-        return self._purge(now, created_before, namespace, batch)
+        if namespace is not None:
+            check_text("namespace", namespace)
+        return self._purge(self.now(), older_than, namespace, batch)
 
     def stats(self, namespace: str | None = None) -> StoreStats:
         """Counts per namespace and state (of one ``namespace`` if given), and the oldest
         in-progress record."""
-        return self._stats(self.clock(), namespace)
+        return self._stats(self.now(), namespace)
 
     # -- for subclasses ----------------------------------------------------------------
+    # ``now`` is the injected test clock's time, or None: the store's own clock decides.
+    def _now(self) -> float:
+        """The store's own clock (one round trip for a server)."""
+        return time.time()
+
     def _claim(
         self,
         namespace: str,
         key: str,
         fingerprint: str | None,
         token: str,
-        now: float,
-        lease_until: float,
-        expires_at: float,
+        now: float | None,
+        lease: float,
+        ttl: float,
     ) -> Outcome | None:
-        """Insert an in-progress record, or take over an expired one, or report the live
-        one; None only if the record vanished between two reads."""
+        """Rule CLAIMABLE: insert an in-progress record (lease deadline ``now + lease``,
+        expiry ``now + ttl``), or take over a claimable one (``taken_over=True`` when it
+        was another worker's lease), or report the live one (`InProgress` with the store's
+        ``now``); None only if the record vanished between two reads."""
         raise NotImplementedError
 
     def _complete(
@@ -181,52 +224,35 @@ class Store:
         token: str,
         result: bytes | None,
         state: State,
-        now: float,
-        expires_at: float,
+        now: float | None,
+        ttl: float,
     ) -> bool:
+        """Rule FENCED: store the result and ``state``, expiry ``now + ttl``."""
         raise NotImplementedError
 
     def _release(self, namespace: str, key: str, token: str) -> bool:
+        """Rule FENCED: delete the in-progress record ``token`` owns."""
         raise NotImplementedError
 
-    def _renew(self, namespace: str, key: str, token: str, lease_until: float) -> bool:
+    def _renew(
+        self, namespace: str, key: str, token: str, now: float | None, lease: float
+    ) -> float | None:
+        """Rule FENCED: move the lease deadline to ``now + lease``; the new deadline, or
+        None when ``token`` no longer owns an in-progress record."""
         raise NotImplementedError
 
     def _get(self, namespace: str, key: str) -> Record | None:
         raise NotImplementedError
 
     def _purge(
-        self, now: float, created_before: float | None, namespace: str | None, batch: int
+        self, now: float, older_than: float | None, namespace: str | None, batch: int
     ) -> int:
-        """Delete purgeable records (see `purge`) in steps of at most ``batch``, each
-        step atomic; return the total deleted."""
+        """Rule PURGEABLE (also created before ``now - older_than`` when given), in steps
+        of at most ``batch``, each step atomic; return the total deleted."""
         raise NotImplementedError
 
     def _stats(self, now: float, namespace: str | None) -> StoreStats:
         raise NotImplementedError
-
-
-def outcome_of(record: Record, token: str, now: float) -> Outcome:
-    """What a claim that found ``record`` (after any takeover) means for the caller."""
-    if record.state is not _IN_PROGRESS:
-        return Completed(record)
-    if record.token == token:
-        lease_until = record.lease_until
-        assert lease_until is not None
-        return Claimed(token, lease_until)
-    return InProgress(record)
-
-
-def purgeable(record: Record, now: float, created_before: float | None) -> bool:
-    """May `Store.purge` delete this record? Expired (or created before
-    ``created_before``), and not an in-progress record whose lease is live."""
-    if record.expires_at > now and (created_before is None or record.created_at >= created_before):
-        return False
-    return not (
-        record.state is _IN_PROGRESS
-        and record.lease_until is not None
-        and record.lease_until > now
-    )
 
 
 def count_states(records: Iterable[Record], now: float) -> StoreStats:
@@ -246,15 +272,4 @@ def count_states(records: Iterable[Record], now: float) -> StoreStats:
                 kv[0][0], kv[0][1].value))
         ),
         oldest,
-    )
-
-
-def claimable(record: Record | None, now: float) -> bool:
-    """May a new claim take this key? Absent, expired, or an in-progress lease that ran out."""
-    if record is None or record.expires_at <= now:
-        return True
-    return (
-        record.state is _IN_PROGRESS
-        and record.lease_until is not None
-        and record.lease_until <= now
     )

@@ -1,14 +1,17 @@
 """An in-process store, for unit tests and examples only: it forgets everything on exit
-and is shared by nothing but the threads of one process."""
+and is shared by nothing but the threads of one process. Its clock is the local one."""
 
 from __future__ import annotations
 
 import threading
+import time
 
 from .._record import Claimed, Outcome, Record, State, StoreStats
-from .base import Store, claimable, count_states, outcome_of, purgeable
+from .._rules import claimable, is_takeover, outcome_of, purgeable
+from .base import Store, count_states
 
 _IN_PROGRESS = State.IN_PROGRESS
+_time = time.time
 
 #: An in-progress record is kept as a plain tuple and made a `Record` only when read: a
 #: claim then costs a tuple instead of a frozen dataclass (about 1 µs less), and most
@@ -43,19 +46,25 @@ class MemoryStore(Store):
         key: str,
         fingerprint: str | None,
         token: str,
-        now: float,
-        lease_until: float,
-        expires_at: float,
+        now: float | None,
+        lease: float,
+        ttl: float,
     ) -> Outcome | None:
+        """Rule CLAIMABLE, under the lock."""
         slot = (namespace, key)
         with self._lock:
+            if now is None:
+                now = _time()
             entry = self._records.get(slot)
+            taken_over = False
             if entry is not None:
                 record = _as_record(namespace, key, entry)
                 if not claimable(record, now):
                     return outcome_of(record, token, now)
-            self._records[slot] = (fingerprint, token, lease_until, now, expires_at)
-            return Claimed(token, lease_until)
+                taken_over = is_takeover(record, now)
+            lease_until = now + lease
+            self._records[slot] = (fingerprint, token, lease_until, now, now + ttl)
+            return Claimed(token, lease_until, taken_over)
 
     def _complete(
         self,
@@ -64,11 +73,14 @@ class MemoryStore(Store):
         token: str,
         result: bytes | None,
         state: State,
-        now: float,
-        expires_at: float,
+        now: float | None,
+        ttl: float,
     ) -> bool:
+        """Rule FENCED, under the lock."""
         slot = (namespace, key)
         with self._lock:
+            if now is None:
+                now = _time()
             entry = self._records.get(slot)
             if entry is None:
                 return False
@@ -84,11 +96,12 @@ class MemoryStore(Store):
                 completed_at = record.completed_at or now
             self._records[slot] = Record(
                 namespace, key, state, fingerprint, result, token, None,
-                created_at, completed_at, expires_at,
+                created_at, completed_at, now + ttl,
             )
             return True
 
     def _release(self, namespace: str, key: str, token: str) -> bool:
+        """Rule FENCED, under the lock."""
         with self._lock:
             entry = self._records.get((namespace, key))
             if type(entry) is not tuple or entry[1] != token:  # not ours, or not in progress
@@ -96,15 +109,19 @@ class MemoryStore(Store):
             del self._records[namespace, key]
             return True
 
-    def _renew(self, namespace: str, key: str, token: str, lease_until: float) -> bool:
+    def _renew(
+        self, namespace: str, key: str, token: str, now: float | None, lease: float
+    ) -> float | None:
+        """Rule FENCED, under the lock."""
         with self._lock:
             entry = self._records.get((namespace, key))
             if type(entry) is not tuple or entry[1] != token:  # not ours, or not in progress
-                return False
+                return None
+            lease_until = (_time() if now is None else now) + lease
             fingerprint, _, _, created_at, expires_at = entry
             self._records[namespace, key] = (
                 fingerprint, token, lease_until, created_at, expires_at)
-            return True
+            return lease_until
 
     def _get(self, namespace: str, key: str) -> Record | None:
         with self._lock:
@@ -112,10 +129,12 @@ class MemoryStore(Store):
         return None if entry is None else _as_record(namespace, key, entry)
 
     def _purge(
-        self, now: float, created_before: float | None, namespace: str | None, batch: int
+        self, now: float, older_than: float | None, namespace: str | None, batch: int
     ) -> int:
+        """Rule PURGEABLE, one step under the lock per batch, so claims interleave."""
+        created_before = None if older_than is None else now - older_than
         total = 0
-        while True:  # one step under the lock per batch, so claims interleave
+        while True:
             with self._lock:
                 doomed = []
                 for (ns, key), entry in self._records.items():

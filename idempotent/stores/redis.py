@@ -195,7 +195,7 @@ class RedisStore(Store):
         url_or_client: Any,
         *,
         prefix: str = "idem",
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] | None = None,
         cluster: bool = False,
         use_asyncio: bool = False,
         max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES,
@@ -344,11 +344,14 @@ class RedisStore(Store):
         key: str,
         fingerprint: str | None,
         token: str,
-        now: float,
-        lease_until: float,
-        expires_at: float,
+        now: float | None,
+        lease: float,
+        ttl: float,
     ) -> Outcome | None:
         """One ``EVALSHA``: claim, take over, or report the record, atomically."""
+        if now is None:
+            now = time.time()
+        lease_until, expires_at = now + lease, now + ttl
         name = self.key_name(namespace, key)
         ms = _ms(lease_until - now)
         if fingerprint is None:
@@ -358,10 +361,11 @@ class RedisStore(Store):
                 _CLAIM, 1, name, now, token, lease_until, expires_at, ms, fingerprint)
         if reply[0] == _CLAIMED:  # the common case first
             return Claimed(token, lease_until)
-        return self._outcome(namespace, key, token, lease_until, reply)
+        return self._outcome(namespace, key, token, lease_until, reply, now)
 
     def _outcome(
-        self, namespace: str, key: str, token: str, lease_until: float, reply: list[Any]
+        self, namespace: str, key: str, token: str, lease_until: float, reply: list[Any],
+        now: float,
     ) -> Outcome:
         code = reply[0]
         if code == _CLAIMED:
@@ -371,7 +375,7 @@ class RedisStore(Store):
         if code == _FOUND:
             return Completed(_record(namespace, key, reply))
         if code == _BUSY:
-            return InProgress(_record(namespace, key, reply))
+            return InProgress(_record(namespace, key, reply), now)
         raise self._bad_record(namespace, key, code, reply[1])
 
     def claim_many(
@@ -389,7 +393,7 @@ class RedisStore(Store):
         if not unique:
             return {}
         names = [self.key_name(namespace, k) for k in unique]
-        now = self.clock()
+        now = self.now()
         lease_until, expires_at = now + lease, now + ttl
         tokens = [new_token() for _ in unique]
         groups = self._by_slot(names)
@@ -403,7 +407,7 @@ class RedisStore(Store):
         for group, replies in zip(groups, self._eval_each(calls), strict=True):
             for i, reply in zip(group, replies, strict=True):
                 out[unique[i]] = self._outcome(namespace, unique[i], tokens[i], lease_until,
-                                               reply)
+                                               reply, now)
         return {k: out[k] for k in unique}
 
     def _complete(
@@ -413,12 +417,15 @@ class RedisStore(Store):
         token: str,
         result: bytes | None,
         state: State,
-        now: float,
-        expires_at: float,
+        now: float | None,
+        ttl: float,
     ) -> bool:
         """One ``EVALSHA``; stores the result only while ``token`` owns the key. A result
         over ``max_result_bytes`` releases the claim and raises `ResultNotSerializable`:
         nothing is stored, a redelivery can run again."""
+        if now is None:
+            now = time.time()
+        expires_at = now + ttl
         name = self.key_name(namespace, key)
         code, ms = _CODES[state], _ms(expires_at - now)
         if result is None:
@@ -443,11 +450,14 @@ class RedisStore(Store):
         done = self._eval(_RELEASE, 1, self.key_name(namespace, key), token)
         return self._owned(namespace, key, done)
 
-    def _renew(self, namespace: str, key: str, token: str, lease_until: float) -> bool:
+    def _renew(
+        self, namespace: str, key: str, token: str, now: float | None, lease: float
+    ) -> float | None:
         """One ``EVALSHA``: moves the lease deadline (and the native expiry)."""
-        ms = _ms(lease_until - self.clock())
+        lease_until = (time.time() if now is None else now) + lease
+        ms = _ms(lease)
         done = self._eval(_RENEW, 1, self.key_name(namespace, key), token, lease_until, ms)
-        return self._owned(namespace, key, done)
+        return lease_until if self._owned(namespace, key, done) else None
 
     def _owned(self, namespace: str, key: str, code: int) -> bool:
         if code < 0:
@@ -507,12 +517,12 @@ class RedisStore(Store):
             yield names
 
     def _purge(
-        self, now: float, created_before: float | None, namespace: str | None, batch: int
+        self, now: float, older_than: float | None, namespace: str | None, batch: int
     ) -> int:
         """SCAN the prefix, and per ``batch`` names one script call per slot (pipelined)
         that re-checks each record and deletes it atomically. Native expiry removes most
         records before a purge sees them."""
-        args: tuple[Any, ...] = (now,) if created_before is None else (now, created_before)
+        args: tuple[Any, ...] = (now,) if older_than is None else (now, now - older_than)
         total = 0
         for names in self._scan(namespace, batch):
             calls = [(_PURGE, len(g), (*(names[i] for i in g), *args))

@@ -30,7 +30,8 @@ from .._keys import fit
 from .._record import Claimed, Outcome, Record, State, StateCount, StoreStats
 from . import _sql_schema
 from ._pg_fast import PgFastPath, raise_if_lock_timeout
-from .base import DEFAULT_TTL, Store, outcome_of
+from .._rules import outcome_of
+from .base import DEFAULT_TTL, Store
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable
@@ -150,7 +151,7 @@ class SqlStore(Store):
         table: str = _sql_schema.DEFAULT_TABLE,
         schema: str | None = None,
         lock_timeout: float | None = 5.0,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] | None = None,
         fast_path: bool = True,
         **engine_options: Any,
     ) -> None:
@@ -251,10 +252,13 @@ class SqlStore(Store):
         key: str,
         fingerprint: str | None,
         token: str,
-        now: float,
-        lease_until: float,
-        expires_at: float,
+        now: float | None,
+        lease: float,
+        ttl: float,
     ) -> Outcome | None:
+        if now is None:
+            now = time.time()
+        lease_until, expires_at = now + lease, now + ttl
         params = {
             "ns": namespace, "k": key, "fp": fingerprint, "tok": token, "now": now,
             "lu": lease_until, "exp": expires_at,
@@ -272,9 +276,12 @@ class SqlStore(Store):
         token: str,
         result: bytes | None,
         state: State,
-        now: float,
-        expires_at: float,
+        now: float | None,
+        ttl: float,
     ) -> bool:
+        if now is None:
+            now = time.time()
+        expires_at = now + ttl
         params = {
             "ns": namespace, "k": key, "tok": token, "st": state.value,
             "res": result, "now": now, "exp": expires_at,
@@ -287,10 +294,13 @@ class SqlStore(Store):
             params = {"ns": namespace, "k": key, "tok": token}
             return conn.execute(self._st.release, params).rowcount == 1
 
-    def _renew(self, namespace: str, key: str, token: str, lease_until: float) -> bool:
+    def _renew(
+        self, namespace: str, key: str, token: str, now: float | None, lease: float
+    ) -> float | None:
+        lease_until = (time.time() if now is None else now) + lease
         params = {"ns": namespace, "k": key, "tok": token, "lu": lease_until}
         with self._autocommit.connect() as conn:
-            return conn.execute(self._st.renew, params).rowcount == 1
+            return lease_until if conn.execute(self._st.renew, params).rowcount == 1 else None
 
     def _get(self, namespace: str, key: str) -> Record | None:
         with self._autocommit.connect() as conn:
@@ -314,13 +324,14 @@ class SqlStore(Store):
 
     # -- operations: purge and stats --------------------------------------------------------
     def _purge(
-        self, now: float, created_before: float | None, namespace: str | None, batch: int
+        self, now: float, older_than: float | None, namespace: str | None, batch: int
     ) -> int:
         """One autocommit DELETE per batch. PostgreSQL: the batch is picked with
         ``FOR UPDATE SKIP LOCKED``, so rows a worker (or another purge) holds are skipped,
         and a row a worker took over meanwhile is checked again once locked; SQLite runs
         one writer at a time, so each statement sees the rows as they are."""
         t = self.table
+        created_before = None if older_than is None else now - older_than
         doomed = t.c.expires_at <= _P("now")
         if created_before is not None:
             doomed = doomed | (t.c.created_at < _P("before"))
@@ -394,7 +405,7 @@ class SqlStore(Store):
         conn = self.engine.connect()
         try:
             conn.begin()
-            now = self.clock()
+            now = self.now()
             params = {"ns": namespace, "k": key, "fp": fingerprint, "now": now,
                       "exp": now + ttl}
             if self._fast_pg:
@@ -429,7 +440,7 @@ class SqlStore(Store):
     ) -> Transaction:
         """Claim ``key`` inside the caller's own transaction; never commits."""
         conn = session.connection() if isinstance(session, Session) else session
-        now = self.clock()
+        now = self.now()
         params = {"ns": namespace, "k": key, "fp": fingerprint, "now": now, "exp": now + ttl}
         existing = self._claim_in(conn, params)
         return Transaction(self, conn, namespace, key, existing, owner=False, session=session,
@@ -485,7 +496,7 @@ class SqlStore(Store):
         self, session: Session | Connection, namespace: str, key: str,
         fingerprint: str | None, ttl: float,
     ) -> bool:
-        from .._machine import check_fingerprint
+        from .._rules import check_fingerprint
 
         tx = self.join(session, namespace, fit(key), fingerprint, ttl)
         if tx.existing is None:
@@ -526,7 +537,7 @@ class SqlStore(Store):
         if not stored:
             return set()
         conn = session.connection() if isinstance(session, Session) else session
-        now = self.clock()
+        now = self.now()
         if self._many is not None:
             batch: Any = list(stored)
             if self.dialect == "sqlite":
