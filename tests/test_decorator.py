@@ -15,7 +15,7 @@ from idempotent import (
     MemoryStore,
     MissingIdempotencyKey,
     PreviousAttemptFailed,
-    ResultNotSerializable,
+    ResultNotStored,
     State,
     current,
     current_key,
@@ -145,18 +145,26 @@ def test_kept_failures_are_not_retried(store: MemoryStore) -> None:
     assert len(calls) == 1
 
 
-def test_unserialisable_result_releases_and_says_why(store: MemoryStore) -> None:
-    """A result JSON cannot hold: ResultNotSerializable, and the key is free again."""
+def test_unserialisable_result_completes_the_key_and_duplicates_say_so(
+        store: MemoryStore) -> None:
+    """Lease mode: the handler returned, so its effect happened; a result JSON cannot hold
+    completes the key with a marker (never a release): the handler runs once, the first
+    call gets its value, every duplicate gets ResultNotStored."""
+    charges: list[str] = []
+    made = object()
 
     @idempotent(store, key="id")
     def weird(msg: dict[str, Any]) -> object:
-        return object()
+        charges.append(msg["id"])
+        return made
 
-    with pytest.raises(ResultNotSerializable, match="cannot be stored") as info:
-        weird({"id": "w"})
+    assert weird({"id": "w"}) is made
+    for _ in range(2):
+        with pytest.raises(ResultNotStored, match="processed once") as info:
+            weird({"id": "w"})
+    assert charges == ["w"]
     assert info.value.key == "w"
-    assert isinstance(info.value, TypeError)
-    assert len(store) == 0
+    assert info.value.record is not None and info.value.record.state is State.COMPLETED
 
 
 def test_in_progress_then_takeover_after_lease(store: MemoryStore, clock: Clock) -> None:
@@ -264,21 +272,21 @@ def test_heartbeat_keeps_a_long_handler_s_lease(clock: Clock) -> None:
     renewed = threading.Event()
     original = store._renew
 
-    def spy(*args: Any) -> bool:
+    def spy(*args: Any) -> float | None:
         ok = original(*args)
         renewed.set()
         return ok
 
     store._renew = spy  # type: ignore[method-assign]
 
-    @idempotent(store, key="id", lease=0.3)
+    @idempotent(store, key="id", lease=1.2)
     def long_one(msg: dict[str, Any]) -> str:
         assert renewed.wait(5), "the heartbeat never renewed the lease"
         deadline = real_time.monotonic() + 5
-        while real_time.monotonic() < deadline:  # past the original lease of 0.3 s
+        while real_time.monotonic() < deadline:  # past the original lease of 1.2 s
             record = store.get(long_one.namespace, "L")  # type: ignore[attr-defined]
             assert record is not None and record.lease_until is not None
-            if record.lease_until > record.created_at + 0.3:
+            if record.lease_until > record.created_at + 1.2:
                 break
         other = store.claim(long_one.namespace, "L", fingerprint=None)  # type: ignore[attr-defined]
         assert type(other).__name__ == "InProgress"

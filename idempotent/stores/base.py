@@ -87,18 +87,22 @@ class Store:
         fingerprint: str | None,
         lease: float = DEFAULT_LEASE,
         ttl: float = DEFAULT_TTL,
+        token: str | None = None,
     ) -> Outcome:
         """Claim ``key`` for ``lease`` seconds, atomically (rule CLAIMABLE).
 
         Returns `Claimed` (a new key, an expired record, or a lease that ran out:
         ``taken_over``), `Completed` (already processed, or kept as failed) or
-        `InProgress` (another worker's lease is live).
+        `InProgress` (another worker's lease is live). ``token`` (default: a new one)
+        lets a retried claim whose reply was lost find its own record: a claim with the
+        token that holds the key is `Claimed` again.
         """
         check_text("namespace", namespace)
         check_text("key", key)
         clock = self.clock
-        for _ in range(8):  # a record released between our two reads: look again
+        if token is None:
             token = _urandom(16).hex()  # new_token(), inline: a frame less per claim
+        for _ in range(8):  # a record released between our two reads: look again
             outcome = self._claim(namespace, key, fingerprint, token,
                                   None if clock is None else clock(), lease, ttl)
             if outcome is not None:

@@ -1,0 +1,573 @@
+"""One delivery of a message, written once: claim → run → finish, or abort.
+
+::
+
+    deliver(flow, mode, key, fingerprint, args, kwargs, call)
+      claim    the mode claims the key: a lease, or a key in a transaction (ours or the
+               caller's); a stored record means a duplicate: replay it (rule REPLAY)
+      run      the handler, with its key in the context (and its session/connection)
+      finish   the handler returned: store its result (complete / commit); a concurrent
+               delivery that won the key at commit is replayed instead
+      abort    the handler raised: release the key, keep the failure, or roll back
+
+The mode is a small strategy, one class per mode, whose instance is one delivery's state:
+`Lease` (the handler runs outside any store transaction), `OwnTransaction` (we open the
+transaction that carries the handler's writes and the key) and `CallerTransaction` (the
+caller's transaction; the claim and the handler run in a SAVEPOINT). Sync and async
+handlers go through the same steps (async ones inside SQLAlchemy's greenlet bridge, see
+`idempotent._decorator`). Events are emitted here, at the transitions.
+
+**Faults are classified by who raised them.** Store faults are retried in one place,
+`Flow.store_call`, which runs one store operation (a lease-mode claim, complete or
+release) or one whole transaction attempt under the tenacity policy. A handler's own
+exception never reaches the policy: in a transaction attempt it is carried out in
+`_HandlerFailed`, which the policy never retries, and raised as itself. The one exception:
+a transient database error raised *on the transaction's own connection* inside the
+handler (a deadlock, a serialization failure, a dropped connection) is the transaction's
+fault; the attempt rolled back, and it is retried whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+import logging
+import weakref
+from collections.abc import Callable, Iterable
+from time import perf_counter
+from typing import Any
+
+import tenacity
+
+from . import _context, _heartbeat, _rules
+from ._record import Claimed, InProgress, Record, State
+from .events import LISTENERS, Event, Listener, emit
+from .exceptions import (
+    AlreadyInProgress,
+    IdempotencyError,
+    IdempotencyKeyConflict,
+    LeaseLost,
+    PreviousAttemptFailed,
+    ResultNotSerializable,
+    ResultNotStored,
+    StoreUnavailable,
+)
+from .retry import as_async, as_sync, is_transient
+from .serializers import Serializer, encode_result
+from .stores.base import Store, new_token
+
+_LOG, _DEBUG = logging.getLogger("idempotent"), logging.DEBUG
+_CURRENT = _context.CURRENT
+_Current = _context.Current
+
+
+class _HandlerFailed(Exception):
+    """Carries a handler's own exception out of a transaction attempt, past the retry
+    policy (which never retries it); `Flow.store_call` raises the exception itself."""
+
+    def __init__(self, exc: Exception) -> None:
+        self.exc = exc
+
+
+class _NotTheHandlers(tenacity.retry_base):
+    """A tenacity retry strategy: the policy's own, never for a handler's exception or
+    for one of ours (a conflict, a key in progress: a new attempt cannot cure them)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __call__(self, retry_state: tenacity.RetryCallState) -> bool:
+        outcome = retry_state.outcome
+        exc = outcome.exception() if outcome is not None else None
+        if isinstance(exc, (_HandlerFailed, IdempotencyError)):
+            return False
+        return bool(self.inner(retry_state))
+
+
+class _CountingFirst:
+    """A tenacity stop strategy: the policy's own, with the attempt made before the
+    policy took over counted, so ``stop_after_attempt(3)`` still means three in all."""
+
+    def __init__(self, stop: Any) -> None:
+        self.stop = stop
+
+    def __call__(self, retry_state: tenacity.RetryCallState) -> bool:
+        shifted = copy.copy(retry_state)
+        shifted.attempt_number += 1
+        return bool(self.stop(shifted))
+
+
+class Flow:
+    """What one handler's deliveries share: the store, its namespace and settings, the
+    retry policy and the listeners. Built once, at decoration."""
+
+    def __init__(
+        self, store: Store, namespace: str, *, ttl: float, lease: float,
+        retry: tenacity.BaseRetrying | None, serializer: Serializer,
+        keep_failures: tuple[type[BaseException], ...], heartbeat: bool, optimistic: bool,
+        listeners: Iterable[Listener], is_async: bool, tx_param: str | None,
+    ) -> None:
+        self.store = store
+        self.namespace = namespace
+        self.ttl = ttl
+        self.lease = lease
+        self.serializer = serializer
+        self.keep_failures = keep_failures
+        self.heartbeat = heartbeat
+        self.optimistic = optimistic
+        self.listeners = tuple(listeners)
+        self.is_async = is_async
+        self.tx_param = tx_param
+        # an in-process store has no transient faults to retry or to translate
+        self.direct = not getattr(store, "may_fail_transiently", True)
+        self.retrying: tenacity.BaseRetrying | None = None
+        if retry is not None and not self.direct:
+            policy = as_async(retry) if is_async else as_sync(retry)
+            # what takes over after a failed first attempt: the same policy, counting it,
+            # and never for a handler's exception
+            self.retrying = policy.copy(stop=_CountingFirst(policy.stop),
+                                        retry=_NotTheHandlers(policy.retry))
+        limit = getattr(store, "max_result_bytes", None)
+        self.max_result_bytes: int | None = limit if isinstance(limit, int) else None
+
+    # -- the one place a store operation is retried -------------------------------------
+    def store_call(self, key: str, op: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``op(*args, **kwargs)``, a store operation on ``key`` (or a whole transaction
+        attempt), under the retry policy; `StoreUnavailable` when a transient fault
+        outlasts it. The first attempt runs in the caller's frame (setting up tenacity
+        costs more than the rest of a call, and most calls succeed at once)."""
+        started = perf_counter()
+        try:
+            return op(*args, **kwargs)
+        except _HandlerFailed as carried:
+            raise carried.exc from None
+        except Exception as exc:
+            if self.direct:  # an in-process store: no faults to retry or to translate
+                raise
+            if not self._retries(exc):
+                self._raise_unavailable(exc, key)
+                raise
+            self.emit("store_retry", key, perf_counter() - started, 1, exc)
+        retrying = self._observed(key, started)
+        try:
+            if self.is_async:
+                from sqlalchemy.util import await_only, greenlet_spawn
+
+                return await_only(retrying(greenlet_spawn, op, *args, **kwargs))
+            return retrying(op, *args, **kwargs)
+        except _HandlerFailed as carried:
+            raise carried.exc from None
+        except Exception as exc:
+            self._raise_unavailable(exc, key)
+            raise
+
+    def _retries(self, exc: BaseException) -> bool:
+        """Would the policy retry ``exc``? (Its own predicate decides.)"""
+        if self.retrying is None:
+            return False
+        state = tenacity.RetryCallState(self.retrying, None, (), {})
+        state.outcome = tenacity.Future.construct(1, exc, True)
+        return bool(self.retrying.retry(state))
+
+    def _raise_unavailable(self, exc: BaseException, key: str) -> None:
+        """A transient store fault that outlasted the policy becomes `StoreUnavailable`."""
+        if isinstance(exc, IdempotencyError):
+            return
+        if isinstance(exc, tenacity.RetryError):  # a policy without reraise=True
+            exc = exc.last_attempt.exception() or exc
+            if isinstance(exc, _HandlerFailed):
+                raise exc.exc from None
+        if is_transient(exc):
+            raise StoreUnavailable(
+                f"{self.namespace}: store unavailable for key {key!r} after retries: {exc}",
+                cause=exc, namespace=self.namespace, key=key,
+            ) from exc
+
+    def _observed(self, key: str, started: float) -> tenacity.BaseRetrying:
+        """The retry policy, reporting each further failed attempt as ``store_retry``
+        when anyone listens (a copy per failing call: failures are rare)."""
+        retrying = self.retrying
+        assert retrying is not None
+        if not self.watched() and not _LOG.isEnabledFor(logging.INFO):
+            return retrying
+        theirs = retrying.before_sleep
+
+        def report(state: tenacity.RetryCallState) -> None:
+            failed = state.outcome.exception() if state.outcome is not None else None
+            self.emit("store_retry", key, perf_counter() - started,
+                      state.attempt_number + 1, failed)
+
+        if theirs is None:
+            return retrying.copy(before_sleep=report)
+        if inspect.iscoroutinefunction(theirs):  # an async policy's own async hook
+            async def report_then_theirs_async(state: tenacity.RetryCallState) -> None:
+                report(state)
+                await theirs(state)
+
+            return retrying.copy(before_sleep=report_then_theirs_async)
+
+        def report_then_theirs(state: tenacity.RetryCallState) -> None:
+            report(state)
+            theirs(state)
+
+        return retrying.copy(before_sleep=report_then_theirs)
+
+    # -- events ----------------------------------------------------------------------------
+    def watched(self) -> bool:
+        """Does anyone want this delivery's events? (One cheap check per delivery.)"""
+        return bool(self.listeners or LISTENERS) or _LOG.isEnabledFor(_DEBUG)
+
+    def emit(self, kind: str, key: str, elapsed: float | None = None,
+             attempt: int | None = None, error: BaseException | None = None) -> None:
+        emit(Event(kind, self.namespace, key, elapsed, attempt,
+                   None if error is None else type(error).__name__), self.listeners)
+
+    def replay(self, record: Record, fp: str | None, key: str, now: float | None,
+               started: float | None) -> Any:
+        """A duplicate's answer (rule REPLAY), reported as an event."""
+        try:
+            value = _rules.replay(record, fp, self.serializer, now)
+        except IdempotencyKeyConflict:
+            self.emit("conflict", key, None if started is None else perf_counter() - started)
+            raise
+        except AlreadyInProgress:
+            self.emit("in_progress", key,
+                      None if started is None else perf_counter() - started)
+            raise
+        except (PreviousAttemptFailed, ResultNotStored):
+            if started is not None:
+                self.emit("duplicate", key, perf_counter() - started)
+            raise
+        if started is not None:
+            self.emit("duplicate", key, perf_counter() - started)
+        return value
+
+    def encode(self, value: Any, key: str) -> bytes | None:
+        """The result as stored; `ResultNotSerializable` when it cannot be."""
+        if value is None:
+            return None
+        data = encode_result(self.serializer, value, namespace=self.namespace, key=key)
+        limit = self.max_result_bytes
+        if limit is not None and len(data) > limit:
+            raise ResultNotSerializable(
+                f"the result of {self.namespace!r} for key {key!r} is {len(data):,} bytes, "
+                f"over the store's max_result_bytes={limit:,}",
+                namespace=self.namespace, key=key,
+            )
+        return data
+
+
+def deliver(flow: Flow, mode: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+            call: Callable[..., Any]) -> Any:
+    """One attempt at one delivery: claim → run → finish, or abort. ``mode`` is the
+    delivery's strategy object, already holding its key; its claim happened when it was
+    made (see the mode classes)."""
+    key = mode.key
+    started = perf_counter() if flow.watched() else None
+    try:
+        found = mode.claim()
+        if found is not None:
+            return flow.replay(found, mode.fp, key, mode.now, started)
+        if started is not None:
+            now = perf_counter()
+            flow.emit("claimed", key, now - started)
+            started = now
+        try:
+            value = mode.run(call, args, kwargs)
+        except BaseException as exc:
+            kind = mode.abort(exc)
+            if started is not None:
+                flow.emit(kind, key, perf_counter() - started, None, exc)
+            if mode.carries and isinstance(exc, Exception) and not mode.store_fault(exc):
+                raise _HandlerFailed(exc) from None
+            raise
+        winner = mode.finish(value)
+        if winner is not None:  # a concurrent delivery committed first; ours rolled back
+            return flow.replay(winner, mode.fp, key, None, started)
+        if started is not None:
+            flow.emit("completed", key, perf_counter() - started)
+        return value
+    finally:
+        mode.close()
+
+
+# -- the modes ---------------------------------------------------------------------------
+class Lease:
+    """Lease mode: claim with a fencing token, run outside any store transaction (a
+    heartbeat renews the lease), then complete under the token; each store operation is
+    retried on its own (the claim with the same token, so a claim whose reply was lost
+    finds its own record)."""
+
+    __slots__ = ("beat", "flow", "fp", "key", "now", "token")
+    carries = False
+
+    def __init__(self, flow: Flow, key: str, fp: str | None) -> None:
+        self.flow, self.key, self.fp = flow, key, fp
+        self.token = ""
+        self.now: float | None = None
+        self.beat: _heartbeat.Beat | None = None
+
+    def claim(self) -> Record | None:
+        flow, key = self.flow, self.key
+        store = flow.store
+        token = new_token()
+        outcome = flow.store_call(key, store.claim, flow.namespace, key, fingerprint=self.fp,
+                                  lease=flow.lease, ttl=flow.ttl, token=token)
+        if type(outcome) is not Claimed:
+            if type(outcome) is InProgress:
+                self.now = outcome.now
+            return outcome.record  # type: ignore[no-any-return]
+        self.token = token
+        if flow.heartbeat:
+            if flow.is_async:
+                self.beat = _start_async_heartbeat(flow, key, token)
+            else:
+                self.beat = _heartbeat.start(store.renew, flow.lease / 3, flow.namespace,
+                                             key, token, flow.lease)
+        return None
+
+    def run(self, call: Callable[..., Any], args: tuple[Any, ...],
+            kwargs: dict[str, Any]) -> Any:
+        ctx = _CURRENT.set(_Current(self.flow.namespace, self.key, self.token))
+        try:
+            return call(*args, **kwargs)
+        finally:
+            _CURRENT.reset(ctx)
+
+    def abort(self, exc: BaseException) -> str:
+        """The handler raised: keep it as failed (``keep_failures``), else release."""
+        self._stop()
+        flow, key = self.flow, self.key
+        if isinstance(exc, flow.keep_failures):
+            try:
+                flow.store_call(key, flow.store.complete, flow.namespace, key, self.token,
+                                _rules.failure_result(exc), ttl=flow.ttl, state=State.FAILED)
+            except LeaseLost:
+                flow.emit("lease_lost", key)
+                raise
+            return "failed"
+        try:
+            flow.store_call(key, flow.store.release, flow.namespace, key, self.token)
+        except Exception:  # the lease running out frees the key as well, later
+            _heartbeat.log.warning(
+                "idempotent: could not release %s/%s; it frees when its lease ends",
+                flow.namespace, key, exc_info=True)
+        return "released"
+
+    def finish(self, value: Any) -> None:
+        """The handler returned, so its effect happened: complete the key, whatever the
+        result. A result that cannot be stored completes it with a marker that duplicates
+        get as `ResultNotStored`; nothing after this point may release the key."""
+        self._stop()
+        flow, key = self.flow, self.key
+        try:
+            data = flow.encode(value, key)
+        except ResultNotSerializable as exc:
+            _LOG.warning("idempotent: %s/%s ran, but its result cannot be stored (%s); "
+                         "completed without it, duplicates get ResultNotStored",
+                         flow.namespace, key, exc)
+            flow.emit("result_not_stored", key, None, None, exc)
+            data = _rules.not_stored(str(exc))
+        try:
+            flow.store_call(key, flow.store.complete, flow.namespace, key, self.token, data,
+                            ttl=flow.ttl)
+        except LeaseLost:
+            flow.emit("lease_lost", key)
+            raise
+
+    store_fault = staticmethod(lambda exc: False)
+
+    def _stop(self) -> None:
+        beat = self.beat
+        if beat is not None:
+            beat.stop()
+            self.beat = None
+
+    def close(self) -> None:
+        self._stop()
+
+
+def _start_async_heartbeat(flow: Flow, key: str, token: str) -> _heartbeat.Beat:
+    from sqlalchemy.util import greenlet_spawn
+
+    store, ns, lease = flow.store, flow.namespace, flow.lease
+    return _heartbeat.start_async(
+        lambda: greenlet_spawn(store.renew, ns, key, token, lease), lease / 3)
+
+
+class OwnTransaction:
+    """Transactional mode, our transaction: open it, claim (or read) the key in it, run
+    the handler on its connection, store the result and commit, all one attempt; a store
+    fault anywhere rolls the attempt back and `Flow.store_call` runs it again."""
+
+    __slots__ = ("_cm", "flow", "fp", "key", "now", "tx")
+    carries = True
+
+    def __init__(self, flow: Flow, key: str, fp: str | None) -> None:
+        self.flow, self.key, self.fp = flow, key, fp
+        self.now: float | None = None
+        self._cm: Any = None
+        self.tx: Any = None
+
+    def claim(self) -> Record | None:
+        flow = self.flow
+        store: Any = flow.store
+        self._cm = store.transaction(flow.namespace, self.key, self.fp, flow.ttl,
+                                     optimistic=flow.optimistic)
+        self.tx = self._cm.__enter__()
+        return self.tx.existing  # type: ignore[no-any-return]
+
+    def run(self, call: Callable[..., Any], args: tuple[Any, ...],
+            kwargs: dict[str, Any]) -> Any:
+        flow = self.flow
+        assert flow.tx_param is not None
+        handle = _tx_handle(flow, self.tx)
+        ctx = _CURRENT.set(_Current(flow.namespace, self.key, None))
+        try:
+            return call(*args, **{**kwargs, flow.tx_param: handle})
+        finally:
+            _CURRENT.reset(ctx)
+
+    def abort(self, exc: BaseException) -> str:
+        return "released"  # close() rolls back
+
+    def store_fault(self, exc: Exception) -> bool:
+        """Did the handler's exception come from the transaction's own connection?"""
+        return raised_on(exc, self.tx.connection)
+
+    def finish(self, value: Any) -> Record | None:
+        return self.tx.commit(self.flow.encode(value, self.key))  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        cm, self._cm = self._cm, None
+        if cm is not None:
+            cm.__exit__(None, None, None)  # closes the connection: rolls back the rest
+
+
+class CallerTransaction:
+    """Transactional mode, the caller's transaction (it passed its own session or
+    connection): the claim and the handler run in a SAVEPOINT, so a handler that raises
+    leaves nothing of its key behind even when the caller commits the rest; the result is
+    recorded and the savepoint released, and the caller's commit decides. Not retried:
+    the transaction, and retrying it, are the caller's."""
+
+    __slots__ = ("_savepoint", "flow", "fp", "key", "now", "own", "tx")
+    carries = False
+
+    def __init__(self, flow: Flow, key: str, fp: str | None, own: Any) -> None:
+        self.flow, self.key, self.fp, self.own = flow, key, fp, own
+        self.now: float | None = None
+        self._savepoint: Any = None
+        self.tx: Any = None
+
+    def claim(self) -> Record | None:
+        from .stores.sql import _sync_handle
+
+        flow = self.flow
+        store: Any = flow.store
+        sync, _ = _sync_handle(self.own)
+        self._savepoint = _savepoint(sync)
+        self.tx = store.join(sync, flow.namespace, self.key, self.fp, flow.ttl)
+        return self.tx.existing  # type: ignore[no-any-return]
+
+    def run(self, call: Callable[..., Any], args: tuple[Any, ...],
+            kwargs: dict[str, Any]) -> Any:
+        flow = self.flow
+        assert flow.tx_param is not None
+        ctx = _CURRENT.set(_Current(flow.namespace, self.key, None))
+        try:
+            return call(*args, **{**kwargs, flow.tx_param: self.own})
+        finally:
+            _CURRENT.reset(ctx)
+
+    def abort(self, exc: BaseException) -> str:
+        self._rollback()
+        return "released"
+
+    store_fault = staticmethod(lambda exc: False)
+
+    def finish(self, value: Any) -> None:
+        self.tx.commit(self.flow.encode(value, self.key))
+        savepoint, self._savepoint = self._savepoint, None
+        if savepoint is not None and savepoint.is_active:
+            savepoint.commit()  # RELEASE SAVEPOINT: the caller's commit decides
+
+    def _rollback(self) -> None:
+        savepoint, self._savepoint = self._savepoint, None
+        if savepoint is not None and savepoint.is_active:
+            savepoint.rollback()
+
+    def close(self) -> None:
+        savepoint = self._savepoint
+        if savepoint is None:
+            return
+        if self.tx is not None and self.tx.existing is not None:
+            self._savepoint = None
+            if savepoint.is_active:
+                savepoint.commit()  # a duplicate wrote nothing worth keeping or undoing
+        else:
+            self._rollback()  # the claim or the result's write failed
+
+
+def _savepoint(sync: Any) -> Any:
+    """A SAVEPOINT in the caller's transaction. pysqlite (legacy transaction control)
+    sends its BEGIN only before the first write, and a SAVEPOINT outside a transaction
+    starts one that RELEASE would commit: so on SQLite the caller's transaction is begun
+    for real first."""
+    from sqlalchemy.orm import Session
+
+    conn = sync.connection() if isinstance(sync, Session) else sync
+    if conn.dialect.name == "sqlite":
+        raw = conn.connection.driver_connection
+        if getattr(raw, "in_transaction", True) is False:
+            conn.exec_driver_sql("BEGIN")
+    return sync.begin_nested()
+
+
+def _tx_handle(flow: Flow, tx: Any) -> Any:
+    """What the handler gets in our transaction: its connection or an ORM session on it
+    (the asyncio twins for an ``async def`` handler)."""
+    if not flow.is_async:
+        return tx.session() if flow.tx_param == "session" else tx.connection
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+
+    aconn = AsyncConnection(flow.store.async_engine, tx.connection)  # type: ignore[attr-defined]
+    if flow.tx_param == "connection":
+        return aconn
+    asession = AsyncSession(bind=aconn)
+    tx._session = asession.sync_session  # flushed by tx.commit
+    return asession
+
+
+# -- which connection raised ---------------------------------------------------------------
+_RAISED_ON = "_idempotent_raised_on"
+
+
+def mark_errors(engine: Any) -> None:
+    """Make every error SQLAlchemy raises on ``engine``'s connections say which
+    connection raised it (once per engine), so `raised_on` can tell the transaction's own
+    faults from those of a handler's other clients."""
+    import sqlalchemy as sa
+
+    if engine in _MARKED:
+        return
+
+    def note(ctx: Any) -> None:
+        if ctx.connection is None:
+            return
+        for exc in (ctx.sqlalchemy_exception, ctx.original_exception):
+            if exc is not None:
+                with contextlib.suppress(AttributeError):  # a type without a __dict__
+                    setattr(exc, _RAISED_ON, id(ctx.connection))
+
+    sa.event.listen(engine, "handle_error", note)
+    _MARKED.add(engine)
+
+
+_MARKED: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def raised_on(exc: BaseException, connection: Any) -> bool:
+    """Was ``exc`` raised by a statement on ``connection`` (see `mark_errors`)?"""
+    return getattr(exc, _RAISED_ON, None) == id(connection)
