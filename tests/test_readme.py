@@ -35,7 +35,7 @@ def test_readme_block(line: int, code: str, why: str | None, tmp_path: Path,
         return
     monkeypatch.chdir(tmp_path)
     namespace: dict[str, object] = {"__name__": f"readme_{line}"}
-    exec(compiled, namespace)  # noqa: S102 - our own README
+    exec(compiled, namespace)  # our own README, as written
     assert os.getcwd() == str(tmp_path)
     if "apply_payment" in namespace:  # the quick start: its two deliveries made one row
         import sqlalchemy as sa
