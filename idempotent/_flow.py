@@ -33,6 +33,7 @@ import contextlib
 import copy
 import inspect
 import logging
+import os
 import weakref
 from collections.abc import Callable, Iterable
 from time import perf_counter
@@ -55,10 +56,11 @@ from .exceptions import (
 )
 from .retry import as_async, as_sync, is_transient
 from .serializers import Serializer, encode_result
-from .stores.base import Store, new_token
+from .stores.base import Store
 
 _LOG, _DEBUG = logging.getLogger("idempotent"), logging.DEBUG
 _CURRENT = _context.CURRENT
+_urandom = os.urandom
 _Current = _context.Current
 
 
@@ -136,19 +138,28 @@ class Flow:
         """``op(*args, **kwargs)``, a store operation on ``key`` (or a whole transaction
         attempt), under the retry policy; `StoreUnavailable` when a transient fault
         outlasts it. The first attempt runs in the caller's frame (setting up tenacity
-        costs more than the rest of a call, and most calls succeed at once)."""
+        costs more than the rest of a call, and most calls succeed at once); the hottest
+        callers (a lease's claim and complete) make it inline themselves and call
+        `retry_failed` only when it raised."""
         started = perf_counter()
         try:
             return op(*args, **kwargs)
         except _HandlerFailed as carried:
             raise carried.exc from None
         except Exception as exc:
-            if self.direct:  # an in-process store: no faults to retry or to translate
-                raise
-            if not self._retries(exc):
-                self._raise_unavailable(exc, key)
-                raise
-            self.emit("store_retry", key, perf_counter() - started, 1, exc)
+            return self.retry_failed(exc, key, started, op, args, kwargs)
+
+    def retry_failed(self, exc: Exception, key: str, started: float, op: Callable[..., Any],
+                     args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """After the first attempt of ``op`` raised ``exc``: the further attempts under
+        the policy (whose backoff sleeps on the event loop for async handlers), or the
+        error (`StoreUnavailable` for a transient fault)."""
+        if self.direct:  # an in-process store: no faults to retry or to translate
+            raise exc
+        if not self._retries(exc):
+            self._raise_unavailable(exc, key)
+            raise exc
+        self.emit("store_retry", key, perf_counter() - started, 1, exc)
         retrying = self._observed(key, started)
         try:
             if self.is_async:
@@ -310,21 +321,27 @@ class Lease:
 
     def claim(self) -> Record | None:
         flow, key = self.flow, self.key
-        store = flow.store
-        token = new_token()
-        outcome = flow.store_call(key, store.claim, flow.namespace, key, fingerprint=self.fp,
-                                  lease=flow.lease, ttl=flow.ttl, token=token)
+        store, ns = flow.store, flow.namespace
+        token = _urandom(16).hex()  # new_token(), inline: a frame less per claim
+        started = perf_counter()
+        try:
+            outcome = store.claim(ns, key, fingerprint=self.fp, lease=flow.lease, ttl=flow.ttl,
+                                  token=token)
+        except Exception as exc:  # retried under the policy, or StoreUnavailable
+            outcome = flow.retry_failed(
+                exc, key, started, store.claim, (ns, key),
+                {"fingerprint": self.fp, "lease": flow.lease, "ttl": flow.ttl, "token": token})
         if type(outcome) is not Claimed:
             if type(outcome) is InProgress:
                 self.now = outcome.now
-            return outcome.record  # type: ignore[no-any-return]
+            return outcome.record  # type: ignore[union-attr]  # Completed or InProgress
         self.token = token
         if flow.heartbeat:
             if flow.is_async:
                 self.beat = _start_async_heartbeat(flow, key, token)
             else:
-                self.beat = _heartbeat.start(store.renew, flow.lease / 3, flow.namespace,
-                                             key, token, flow.lease)
+                self.beat = _heartbeat.start(store.renew, flow.lease / 3, ns, key, token,
+                                             flow.lease)
         return None
 
     def run(self, call: Callable[..., Any], args: tuple[Any, ...],
@@ -359,19 +376,24 @@ class Lease:
         """The handler returned, so its effect happened: complete the key, whatever the
         result. A result that cannot be stored completes it with a marker that duplicates
         get as `ResultNotStored`; nothing after this point may release the key."""
-        self._stop()
+        beat = self.beat
+        if beat is not None:
+            beat.stop()
+            self.beat = None
         flow, key = self.flow, self.key
         try:
             data = flow.encode(value, key)
-        except ResultNotSerializable as exc:
-            _LOG.warning("idempotent: %s/%s ran, but its result cannot be stored (%s); "
-                         "completed without it, duplicates get ResultNotStored",
-                         flow.namespace, key, exc)
+        except ResultNotSerializable as exc:  # logged at WARNING by the event
             flow.emit("result_not_stored", key, None, None, exc)
-            data = _rules.not_stored(str(exc))
+            data = _rules.not_stored(str(exc.__cause__ or exc))
+        store, ns, token = flow.store, flow.namespace, self.token
+        started = perf_counter()
         try:
-            flow.store_call(key, flow.store.complete, flow.namespace, key, self.token, data,
-                            ttl=flow.ttl)
+            try:
+                store.complete(ns, key, token, data, ttl=flow.ttl)
+            except Exception as exc:  # retried under the policy, or StoreUnavailable
+                flow.retry_failed(exc, key, started, store.complete, (ns, key, token, data),
+                                  {"ttl": flow.ttl})
         except LeaseLost:
             flow.emit("lease_lost", key)
             raise

@@ -7,7 +7,7 @@ thread, after the fact they report; a listener that raises is logged and ignored
 can never break processing. Keep them quick (count, record, enqueue).
 
 Every event is also logged on the ``idempotent`` logger, naming the namespace and key and
-never the payload or the result: ``conflict`` and ``lease_lost`` at WARNING,
+never the payload or the result: ``conflict``, ``lease_lost`` and ``result_not_stored`` at WARNING,
 ``store_retry`` at INFO, the others at DEBUG. With no listener registered and DEBUG off,
 a delivery pays one cheap check for all of this.
 
@@ -25,6 +25,9 @@ released       the handler raised; the key is given back (transactional mode: ro
                back) so a redelivery can run it
 lease_lost     the handler finished but another worker had taken the key over: its
                result was not stored (`LeaseLost`)
+result_not_    lease mode: the handler ran but its result cannot be stored (not JSON, or
+stored         too large); the key is completed without it, duplicates get
+               `ResultNotStored` (logged at WARNING)
 store_retry    a transient store fault; the retry policy tries again
 ============== ==========================================================================
 
@@ -46,12 +49,12 @@ __all__ = ["EVENTS", "Event", "Listener", "add_listener", "listening", "remove_l
 #: Every event kind, in the order of a delivery's life.
 EVENTS = (
     "claimed", "duplicate", "conflict", "in_progress", "completed", "failed", "released",
-    "lease_lost", "store_retry",
+    "lease_lost", "result_not_stored", "store_retry",
 )
 
 log = logging.getLogger("idempotent")
 
-_WARNING = frozenset({"conflict", "lease_lost"})
+_WARNING = frozenset({"conflict", "lease_lost", "result_not_stored"})
 
 
 @dataclass(frozen=True, slots=True)

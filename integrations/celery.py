@@ -69,16 +69,15 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 import sqlalchemy as sa
 
-from idempotent import _keys
-from idempotent._canonical import canonical_json
-from idempotent._decorator import idempotent
+from idempotent import Store, idempotent
+from idempotent import keys as _keys
 from idempotent.exceptions import (
     AlreadyInProgress,
     LeaseLost,
     MissingIdempotencyKey,
     StoreUnavailable,
 )
-from idempotent.stores.base import Store
+from idempotent.keys import canonical_json
 
 __all__ = [
     "TASK_ID_NAMESPACE",

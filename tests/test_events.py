@@ -83,7 +83,29 @@ def test_lease_mode_paths() -> None:
     assert all(e.elapsed is not None and e.elapsed >= 0 for e in rec.events)
     assert [(e.kind, e.error) for e in rec.events if e.error] == [
         ("released", "RuntimeError"), ("failed", "ValueError")]
-    assert {e.kind for e in rec.events} | {"lease_lost", "store_retry"} == set(EVENTS)
+    assert {e.kind for e in rec.events} | {"lease_lost", "store_retry",
+                                           "result_not_stored"} == set(EVENTS)
+
+
+def test_result_not_stored(caplog: pytest.LogCaptureFixture) -> None:
+    """A lease-mode result that cannot be stored: claimed, result_not_stored (a WARNING
+    naming the key), completed; the duplicate is a duplicate."""
+    from idempotent import ResultNotStored
+
+    rec = Recorder()
+
+    @idempotent(MemoryStore(), key="id", namespace="odd", listeners=[rec])
+    def odd(msg: dict[str, Any]) -> object:
+        return {1j}
+
+    with caplog.at_level("WARNING", logger="idempotent"):
+        odd({"id": "k"})
+    with pytest.raises(ResultNotStored):
+        odd({"id": "k"})
+    assert rec.kinds == [("claimed", "k"), ("result_not_stored", "k"), ("completed", "k"),
+                         ("duplicate", "k")]
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("WARNING", "result_not_stored odd/k (ResultNotSerializable)")]
 
 
 def test_lease_lost() -> None:
