@@ -1,4 +1,5 @@
-"""The lease renewer: the shared thread of plain handlers, and the async timer.
+"""The lease renewer: the shared thread and its workers for plain handlers, and the
+renewals handed to the event loop of async ones.
 
 No test sleeps for a fixed time: each waits, with a deadline, for renewals it can count,
 and a stopped beat is shown idle by waiting for renewals of another, live beat.
@@ -60,55 +61,67 @@ def test_a_live_beat_is_renewed_repeatedly() -> None:
         beat.stop()
 
 
+def wait_until(predicate: Callable[[], bool], timeout: float = DEADLINE) -> bool:
+    """Poll ``predicate`` until true or ``timeout``: for state no callback reports."""
+    end = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.001)
+    return True
+
+
 def test_a_stopped_beat_is_never_renewed_again() -> None:
-    """After stop(), two more renewals of a live beat pass without one of a stopped one,
-    even of one that was already due in the pass under way when it was stopped."""
+    """After stop(), and once the renewals then under way have returned, no renewal of
+    the stopped beats starts again while a live beat is renewed twice more."""
     renewer = _Renewer()
-    doomed = [Counter() for _ in range(10)]  # some come after `live` in a pass
-    gate, inside = threading.Event(), threading.Event()
-
-    def hold_once(n: int) -> None:
-        # Once every doomed beat has been renewed, hold the thread here: no renewal of
-        # them is under way while the test stops them.
-        if all(c.calls for c in doomed) and not inside.is_set():
-            inside.set()
-            assert gate.wait(DEADLINE)
-
-    live = Counter(hold_once)
+    doomed = [Counter() for _ in range(10)]
+    live = Counter()
     beats = [add(renewer, c, 0.02) for c in doomed]
     b = add(renewer, live, 0.02)
     try:
-        assert inside.wait(DEADLINE), "the beats were not renewed"
+        assert all(c.wait_for(1) for c in doomed), "the beats were not renewed"
         for beat in beats:
             beat.stop()
+
+        def idle() -> bool:  # no renewal of theirs on a worker any more
+            with renewer.lock:
+                return all(beat.started is None for beat in beats)
+
+        assert wait_until(idle), "a renewal of a stopped beat never ended"
         at_stop, live_at_stop = [c.calls for c in doomed], live.calls
-        gate.set()
-        # One renewal of `live` per pass: two more passes, each past a due time of all.
+        # Renewals of `live` started after this point: passes past a due time of all.
         assert live.wait_for(live_at_stop + 2), "the live beat stopped being renewed"
         assert [c.calls for c in doomed] == at_stop
         assert renewer.beats == {b}
     finally:
-        gate.set()
         b.stop()
 
 
 def test_lease_lost_stops_the_beat_and_sets_lost() -> None:
-    """A renewal that raises LeaseLost ends the beat: ``lost`` is set, no more renewals."""
+    """A renewal that raises LeaseLost ends the beat: ``lost`` is set, no more renewals
+    start (an interval long enough that the first attempt ends before its deadline)."""
     renewer = _Renewer()
+    interval = 0.3
+    lost_seen: list[bool] = []  # beat.lost at the start of each renewal of `losing`
 
     def lose(n: int) -> None:
+        lost_seen.append(a.lost)
         raise LeaseLost("taken over", namespace="ns", key="k")
 
-    losing, live = Counter(lose), Counter()
-    a = add(renewer, losing, 0.02)
+    times: list[float] = []
+    losing, live = Counter(lose), Counter(lambda n: times.append(time.monotonic()))
+    a = add(renewer, losing, interval)
     b = add(renewer, live, 0.02)
     try:
         assert losing.wait_for(1)
-        start = live.calls
-        # One renewal of `live` per pass: two more means a whole pass after the loss.
-        assert live.wait_for(start + 2)
-        assert a.lost
+        assert wait_until(lambda: a.lost)
+        lost_at = time.monotonic()
+        # Two renewals of `live` after the losing beat would have been due again.
+        assert live.wait_for(len(times) + 2)
+        assert wait_until(lambda: sum(t > lost_at + interval for t in times) >= 2)
         assert losing.calls == 1
+        assert lost_seen == [False]
         assert a not in renewer.beats
         assert not b.lost
     finally:
@@ -255,35 +268,41 @@ async def test_async_lease_lost_sets_lost() -> None:
     assert beat not in _heartbeat._renewer.beats
 
 
-async def test_async_renewals_do_not_overlap() -> None:
-    """A slow async renewal is not scheduled again while it is still under way."""
-    calls = 0
-    entered, release = asyncio.Event(), asyncio.Event()
+async def test_async_renewals_do_not_overlap_before_their_deadline() -> None:
+    """A slow async renewal is not started again while under way, until its deadline
+    (one interval after it started); once it returns, renewals go on."""
+    interval = 0.3
+    entered: list[tuple[float, float | None, bool]] = []  # (when, beat.started, released)
+    came, release = asyncio.Event(), asyncio.Event()
+    beat: Beat | None = None
 
     async def slow() -> None:
-        nonlocal calls
-        calls += 1
-        entered.set()
+        entered.append((time.monotonic(), getattr(beat, "started", None), release.is_set()))
+        came.set()
         await release.wait()
 
-    beat = _heartbeat.start_async(slow, 0.01)
-    await asyncio.wait_for(entered.wait(), DEADLINE)
+    beat = _heartbeat.start_async(slow, interval)
+    await asyncio.wait_for(came.wait(), DEADLINE)
+    came.clear()
     other = asyncio.Event()
 
     async def tick() -> None:
         other.set()
 
     witness = _heartbeat.start_async(tick, 0.01)
-    for _ in range(3):  # the slow beat comes due again meanwhile
+    for _ in range(3):  # the witness is renewed while the slow renewal is held
         await asyncio.wait_for(other.wait(), DEADLINE)
         other.clear()
-    assert calls == 1
-    entered.clear()
     release.set()
-    await asyncio.wait_for(entered.wait(), DEADLINE)  # then renewals resume
-    assert calls == 2
+    while not entered[-1][2]:  # then renewals resume (one started after the release)
+        await asyncio.wait_for(came.wait(), DEADLINE)
+        came.clear()
     beat.stop()
     witness.stop()
+    first_started = entered[0][1]
+    assert first_started is not None
+    for when, _, released in entered[1:]:  # any attempt beside the held one: only late
+        assert released or when >= first_started + interval, entered
 
 
 def test_a_beat_of_a_closed_loop_is_dropped() -> None:
