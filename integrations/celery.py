@@ -36,10 +36,13 @@ What the task does, per delivery (in ``__call__``, which runs in the worker's po
   in the worker log, ``task_failure`` sent, the message acked. No retry can fix the
   input, so it is not retried; it is not dropped silently either.
 
-Defaults: ``acks_late=True`` and ``reject_on_worker_lost=True``, so a message is acked only
-after its task returned, and a pool child killed mid-task (SIGKILL, OOM) sends its message
-back to the queue. Run such workers with ``worker_prefetch_multiplier = 1``: a reserved but
-not started message is unacked too and is redelivered if the worker dies.
+Defaults: ``acks_late=True``, ``reject_on_worker_lost=True`` and ``acks_on_timeout=False``,
+so a message is acked only after its task returned, and a pool child killed mid-task
+(SIGKILL, OOM, a hard ``time_limit``) sends its message back to the queue. A task that
+always exceeds its hard time limit is therefore requeued again and again: give it a limit
+it can meet (the worker logs "Hard time limit exceeded" each time). Run such workers with
+``worker_prefetch_multiplier = 1``: a reserved but not started message is unacked too and
+is redelivered if the worker dies.
 
 Producer side: `send_once` publishes with a task id derived from a business key
 (`task_id_for`: a UUID5 of the task name and the key), so a double enqueue becomes two
@@ -128,6 +131,11 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
 
     acks_late = True
     reject_on_worker_lost = True
+    # A hard time_limit kills the pool child mid-task; its transaction rolled back, so the
+    # message must go back to the queue, not be acked as done (Celery >= 5.7 requeues
+    # when this is False). Failures (bad input) are still acked.
+    acks_on_timeout = False
+    acks_on_failure = True
 
     idempotency_store: StoreSpec | None = None
     idempotency_key: str | Callable[..., Any] | None = None

@@ -17,6 +17,7 @@ called):
 * ``t.apply_payment``: idempotent, transactional (takes ``connection``), keyed by the
   payment's ``payment_id``; one ledger row per run that commits;
 * ``t.apply_by_id``: the same body keyed by the task id (the default);
+* ``t.apply_limited``: ``t.apply_payment`` with a hard ``time_limit`` of 3 s;
 * ``t.charge``: idempotent, lease mode (no ``connection``): every run logs a call in
   ``psp_calls``; the "provider" keeps one charge per idempotency key (``psp_charges``);
 * ``t.charge_redis``: the same on a `RedisStore` (``IDEMPOTENT_CELERY_REDIS_STORE``);
@@ -116,6 +117,14 @@ def _row(payment: dict[str, Any], task: str) -> dict[str, Any]:
 @idempotent_task(app, store, key="payment_id", name="t.apply_payment")
 def apply_payment(payment: dict[str, Any], connection: sa.Connection) -> dict[str, Any]:
     connection.execute(ledger.insert(), _row(payment, "apply_payment"))
+    _hold_or_hang(payment)
+    return {"applied": payment["payment_id"], "cents": payment["cents"]}
+
+
+@idempotent_task(app, store, key="payment_id", time_limit=3, name="t.apply_limited")
+def apply_limited(payment: dict[str, Any], connection: sa.Connection) -> dict[str, Any]:
+    """``t.apply_payment`` with a hard time limit of 3 s (a ``hang_once`` run exceeds it)."""
+    connection.execute(ledger.insert(), _row(payment, "apply_limited"))
     _hold_or_hang(payment)
     return {"applied": payment["payment_id"], "cents": payment["cents"]}
 

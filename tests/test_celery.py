@@ -19,6 +19,7 @@ import redis
 import sqlalchemy as sa
 from _celery_app import (
     apply_by_id,
+    apply_limited,
     apply_payment,
     charge,
     charge_redis,
@@ -257,6 +258,24 @@ def test_child_killed_mid_task_applies_once(env: Env) -> None:
     assert pids != [killed]  # the row is the redelivered copy's, in another child
     lost = f"pid:{killed} exited with 'signal 9 (SIGKILL)'"  # seen by the worker: requeued
     assert log_count([env.worker], lost) == 1, env.worker.log_tail(40)
+
+
+def test_hard_time_limit_kill_requeues_the_message(env: Env) -> None:
+    """Transactional, a hard time_limit: Celery kills the child mid-transaction (after its
+    INSERT, before COMMIT). The message goes back to the queue (acks_on_timeout=False)
+    instead of being acked as failed, and the redelivered copy applies the payment once
+    (was, at 70b75f3: acked at the timeout, the payment never applied)."""
+    p = payment(hang_once=True)
+    tid = env.send_once(apply_limited, p)
+    wait_until(lambda: env.rows("apply_limited").get(p["payment_id"]), WAIT,
+               "the redelivered copy's row", describe=env.worker.log_tail)
+    env.wait_drained()
+    assert env.rows("apply_limited")[p["payment_id"]] == [1234]
+    assert log_count([env.worker], f"Hard time limit (3s) exceeded for t.apply_limited[{tid}]") \
+        == 1, env.worker.log_tail(40)
+    assert wait_until(lambda: env.meta(tid)["status"] == "SUCCESS" and env.meta(tid), WAIT,
+                      "SUCCESS in the backend")["result"] == {
+        "applied": p["payment_id"], "cents": 1234}
 
 
 LEASE_TASKS = pytest.mark.parametrize("task", [charge, charge_redis], ids=["sql", "redis"])
