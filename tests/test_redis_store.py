@@ -5,6 +5,7 @@ Real redis-server processes on 127.0.0.1 (the session server and the session clu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,13 +16,16 @@ import redis.cluster
 from _servers import RedisServer
 
 from idempotent import (
+    AlreadyInProgress,
     Claimed,
     Completed,
     IdempotencyError,
     IncompatibleRecord,
     InProgress,
+    InvalidIdempotencyKey,
     LeaseLost,
     ResultNotSerializable,
+    ResultNotStored,
     State,
     idempotent,
 )
@@ -104,16 +108,18 @@ def test_one_command_per_operation(store: RedisStore) -> None:
 
 
 def test_native_expiry_follows_lease_then_ttl(store: RedisStore) -> None:
-    """An in-progress record expires natively one grace second after its lease, a
-    completed one after its ttl: a backstop, computed from durations, not the clock."""
+    """Native expiry is a backstop one grace second after the record's own deadline,
+    computed from durations, not the clock: an in-progress record's is its expires_at
+    (so a takeover after the lease still finds it), which a renewal leaves alone; a
+    completed one's is its ttl."""
     got = store.claim("ns", "k", fingerprint=None, lease=10, ttl=3600)
     assert isinstance(got, Claimed)
     name = store.key_name("ns", "k")
-    assert 10_000 < store.client.pttl(name) <= 11_001
+    assert 3_599_000 < store.client.pttl(name) <= 3_601_001
     store.renew("ns", "k", got.token, 20)
-    assert 20_000 < store.client.pttl(name) <= 21_001
-    store.complete("ns", "k", got.token, b"1", ttl=3600)
-    assert 3_600_000 < store.client.pttl(name) <= 3_601_001
+    assert 3_599_000 < store.client.pttl(name) <= 3_601_001
+    store.complete("ns", "k", got.token, b"1", ttl=7200)
+    assert 7_199_000 < store.client.pttl(name) <= 7_201_001
 
 
 def test_record_is_a_versioned_hash(store: RedisStore) -> None:
@@ -135,9 +141,11 @@ def test_resent_claim_is_still_ours(store: RedisStore) -> None:
 
     clock = clock_of(store)
     name = store.key_name("ns", "k")
-    args = (clock.now, "t" * 32, clock.now + 30, clock.now + 60, 31_000)
-    assert store._eval(mod._CLAIM, 1, name, *args) == [1]
-    assert store._eval(mod._CLAIM, 1, name, *args) == [1]
+    args = (clock.now, "t" * 32, 30, 60, 61_001)  # now, token, lease, ttl, native ms
+    deadline = repr(clock.now + 30).removesuffix(".0").encode()
+    assert store._eval(mod._CLAIM, 1, name, *args) == [1, deadline]
+    clock.now += 5
+    assert store._eval(mod._CLAIM, 1, name, *args) == [1, deadline]  # the first deadline
     store.complete("ns", "k", "t" * 32, b"once")
     rec = store.get("ns", "k")
     assert rec is not None and rec.result == b"once"
@@ -217,17 +225,27 @@ def test_key_names_are_unambiguous(store: RedisStore) -> None:
         assert store._split(store.key_name(ns, k)) == (ns, k)
 
 
-def test_any_str_is_a_key_even_lone_surrogates(store: RedisStore) -> None:
-    """Non-ASCII keys and str holding non-UTF-8 bytes (lone surrogates, as
-    ``surrogateescape`` decoding makes) are stored and read back exactly."""
-    odd = b"caf\xe9-\xff".decode("utf-8", "surrogateescape")
-    for key in ("café ☕", odd, "\udcff", "\x00nul"):
+def test_non_ascii_keys_are_exact_and_what_utf8_cannot_hold_is_refused(
+        store: RedisStore) -> None:
+    """Non-ASCII keys are stored and read back exactly; a key holding a lone surrogate
+    (as ``surrogateescape`` decoding of non-UTF-8 bytes makes) or a NUL is refused by
+    every operation with InvalidIdempotencyKey, and nothing is written."""
+    for key in ("café ☕", "ключ", "鍵"):
         got = store.claim("ns", key, fingerprint=None)
         assert isinstance(got, Claimed), key
         store.complete("ns", key, got.token, b"v")
         rec = store.get("ns", key)
         assert rec is not None and rec.key == key and rec.result == b"v"
-    assert store.get("ns", "caf\xe9-\xff") is None  # not the same key as `odd`
+        assert store.key_name("ns", key).endswith(key.encode())
+    odd = b"caf\xe9-\xff".decode("utf-8", "surrogateescape")
+    for key in (odd, "\udcff", "\x00nul"):
+        with pytest.raises(InvalidIdempotencyKey):
+            store.claim("ns", key, fingerprint=None)
+        with pytest.raises(InvalidIdempotencyKey):
+            store.complete("ns", key, "t" * 32, b"v")
+        with pytest.raises(InvalidIdempotencyKey):
+            store.key_name(key, "k")
+    assert store.stats().counts[0].count == 3
 
 
 def test_key_length_at_and_over_the_limit(store: RedisStore) -> None:
@@ -248,7 +266,8 @@ def test_key_length_at_and_over_the_limit(store: RedisStore) -> None:
 
 def test_result_size_at_and_over_the_limit(redis_url: str) -> None:
     """A result of max_result_bytes is stored; one byte more raises ResultNotSerializable
-    and releases the claim, so a redelivery can run."""
+    and leaves the claim as it was (in progress, the same token): the handler ran, so no
+    redelivery may run it again."""
     store = RedisStore(redis_url, clock=Clock(), max_result_bytes=1024)
     got = store.claim("ns", "at", fingerprint=None)
     assert isinstance(got, Claimed)
@@ -260,7 +279,8 @@ def test_result_size_at_and_over_the_limit(redis_url: str) -> None:
     with pytest.raises(ResultNotSerializable, match="1,025 bytes") as err:
         store.complete("ns", "over", got.token, b"x" * 1025)
     assert err.value.key == "over"
-    assert store.get("ns", "over") is None
+    rec = store.get("ns", "over")
+    assert rec is not None and rec.state is State.IN_PROGRESS and rec.token == got.token
 
     runs = []
 
@@ -269,10 +289,10 @@ def test_result_size_at_and_over_the_limit(redis_url: str) -> None:
         runs.append(msg["id"])
         return "y" * 2000
 
-    for _ in range(2):  # the redelivery runs again: nothing was kept
-        with pytest.raises(ResultNotSerializable):
+    for _ in range(2):  # never a second run: the first one's claim is not given back
+        with contextlib.suppress(ResultNotSerializable, AlreadyInProgress, ResultNotStored):
             big({"id": "m"})
-    assert runs == ["m", "m"]
+    assert runs == ["m"]
 
 
 @pytest.mark.parametrize("bad", [

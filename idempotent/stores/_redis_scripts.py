@@ -1,5 +1,34 @@
 """The Lua scripts of `RedisStore`: one per operation, so each is atomic and one round trip.
 
+Each script implements rules of `idempotent._rules`, named where it is defined:
+
+============  =======================================================================
+script        rules
+============  =======================================================================
+`CLAIM`       CLAIMABLE (insert, take over a lease that ran out, or report), STORE TIME
+`CLAIM_MANY`  the same as `CLAIM`, for every key of one slot, on one reading of the clock
+`COMPLETE`    FENCED (only the token's owner writes), STORE TIME (completed/expiry times)
+`RELEASE`     FENCED (only the owner's in-progress record is deleted)
+`RENEW`       FENCED (only the owner's in-progress lease moves), STORE TIME (new deadline)
+`PURGE`       PURGEABLE (expired or older than a cut-off, never a live lease), STORE TIME
+============  =======================================================================
+
+REPLAY (what a duplicate gets) is decided in Python, from the record a claim returns.
+
+**STORE TIME.** A script reads the time with ``redis.call('TIME')`` when the caller
+passes an empty ``now`` (every call, unless a test injected a clock into the store), and
+decides from it whether a lease is live, whether a record expired, and where the new
+deadlines are (``now + lease``, ``now + ttl``): the callers send durations, never
+deadlines, so a worker whose clock runs ahead cannot take over a live lease and one
+whose clock runs behind cannot shorten one. Redis 7 replicates a script's effects (its
+writes), not the script, so reading the clock there is allowed and replicas store the
+same values; on Redis 5 and 6 the scripts ask for effects replication first
+(``redis.replicate_commands()``). A caller that passes ``now`` (an injected clock, tests
+only) gets its own time used instead, as before.
+
+On a cluster each record is decided by the clock of the node that holds it; a failover
+moves a record to a replica whose clock may differ (keep the nodes on NTP).
+
 A record is one Redis hash of a few short fields. Measured against a packed string (one
 ``GET`` and one ``SET`` and a ``string.match``; ``benchmarks/bench_redis.py``), the hash
 costs the server a few µs more per script call: 8-13 against 5-9 µs for a new-key claim,
@@ -13,11 +42,17 @@ could come later as format version 2 (every record carries its version)::
     t  fencing token                l  lease deadline (in progress only)
     c  created_at                   d  completed_at    e  expires_at
 
-Times are epoch seconds as written by Python's ``repr(float)`` (exact round trip); the
-scripts compare them with the caller's ``now``, never with Redis' own clock, so that the
-caller's clock is the only clock (tests move it by hand). Native expiry (``PEXPIRE``, a
-relative duration) is only a garbage-collection backstop set ``GRACE_MS`` after the
-deadline: whether a lease is live or a record expired is decided from the stored fields.
+Times are epoch seconds as decimal text that reads back as the exact float: the time of
+``TIME`` as ``<seconds>.<6-digit microseconds>``, a deadline with the fewest digits
+(15, 16 or 17) that round-trip, an injected clock's ``now`` as Python's ``repr``.
+
+Native expiry (``PEXPIRE``, a relative duration) is only a garbage collector, set
+``GRACE_MS`` after the record's deadline: whether a lease is live or a record expired is
+decided from the stored fields. An in-progress record is kept natively until its
+``expires_at`` (or its lease deadline, whichever is later), not just until its lease, so
+a claim after the lease ran out finds it and reports a takeover with its history; a
+renewal moves only the lease field (and the native expiry only when the lease would
+outlive ``expires_at``). A completed or failed record is kept until its ``expires_at``.
 
 Every script reads records with ``redis.pcall`` and answers a code instead of failing:
 a key of another type, or a record of another format version, reaches Python as a code
@@ -33,75 +68,101 @@ FORMAT_VERSION = "1"
 GRACE_MS = 1000
 
 # Reply codes of the claim scripts (first element of the reply).
-CLAIMED = 1  # new key: the caller's token owns it
-TAKEN_OVER = 2  # another worker's expired lease was taken over
+CLAIMED = 1  # new key: the caller's token owns it (the reply carries the lease deadline)
+TAKEN_OVER = 2  # another worker's lease ran out and was taken over (and the deadline)
 FOUND = 3  # completed or failed record (the reply carries the record)
-BUSY = 4  # another live lease (the reply carries the record)
+BUSY = 4  # another live lease (the reply carries the record, then the store's now)
 BAD_VERSION = -1  # a record of another format version (the reply carries its version)
 WRONG_TYPE = -2  # the key holds something that is not a hash
 
-# Shared by the claim scripts: one key's claim. The record fields come back in the order
-# v s f r t l c d e, after the code.
-_CLAIM_ONE = """
+# STORE TIME, shared by every script that reads the clock. `clock(arg)` is the caller's
+# `now` when it sent one (an injected test clock), else Redis' own TIME; it returns the
+# number and its text as stored. `num(x)` is the shortest text that reads back as x.
+_TIME = """
+local function num(x)
+  local s = string.format('%.15g', x)
+  if tonumber(s) == x then return s end
+  s = string.format('%.16g', x)
+  if tonumber(s) == x then return s end
+  return string.format('%.17g', x)
+end
+local function clock(arg)
+  if arg ~= '' then return tonumber(arg), arg end
+  if redis.replicate_commands then redis.replicate_commands() end  -- Redis 5, 6
+  local t = redis.call('TIME')
+  local s = t[1] .. '.' .. string.format('%06d', tonumber(t[2]))
+  return tonumber(s), s
+end
+"""
+
+# Shared by the claim scripts: one key's claim (rule CLAIMABLE). The record fields come
+# back in the order v s f r t l c d e, after the code; a claim that owns the key gets the
+# lease deadline after the code.
+_CLAIM_ONE = _TIME + """
 local V = '1'
-local function claim_one(k, now, snow, token, lease_until, expires_at, lease_ms, fp)
+local function claim_one(k, now, snow, token, lease, ttl, keep_ms, fp)
   local rec = redis.pcall('HMGET', k, 'v', 's', 'f', 'r', 't', 'l', 'c', 'd', 'e')
   if rec.err then return {-2, rec.err} end
   local code = 1
   if rec[1] then
     if rec[1] ~= V then return {-1, rec[1]} end
-    local live = tonumber(rec[9]) > now
-    if live and rec[2] ~= 'i' then
-      table.insert(rec, 1, 3)
-      return rec
-    end
-    if live then
-      if rec[5] == token then return {1} end
-      if tonumber(rec[6]) > now then
-        table.insert(rec, 1, 4)
+    if tonumber(rec[9]) > now then  -- not expired
+      if rec[2] ~= 'i' then
+        table.insert(rec, 1, 3)
         return rec
       end
+      if tonumber(rec[6]) > now then  -- a live lease
+        if rec[5] == token then return {1, rec[6]} end  -- our own claim, sent again
+        table.insert(rec, 1, 4)  -- another worker's
+        rec[11] = snow
+        return rec
+      end
+      code = 2  -- its lease ran out: a takeover
     end
     redis.call('DEL', k)
-    if rec[2] == 'i' then code = 2 end
   elseif rec[2] or rec[5] or rec[9] then  -- a record without a version
     return {-1, ''}
   end
+  local lease_until = num(now + lease)
   if fp then
     redis.call('HSET', k, 'v', V, 's', 'i', 't', token, 'l', lease_until, 'c', snow,
-               'e', expires_at, 'f', fp)
+               'e', num(now + ttl), 'f', fp)
   else
     redis.call('HSET', k, 'v', V, 's', 'i', 't', token, 'l', lease_until, 'c', snow,
-               'e', expires_at)
+               'e', num(now + ttl))
   end
-  redis.call('PEXPIRE', k, lease_ms)
-  return {code}
+  redis.call('PEXPIRE', k, keep_ms)
+  return {code, lease_until}
 end
 """
 
-#: KEYS[1] record; ARGV now, token, lease_until, expires_at, lease_ms[, fingerprint].
+#: CLAIMABLE, STORE TIME. KEYS[1] record; ARGV now ('' for Redis' TIME), token, lease,
+#: ttl (seconds), keep_ms (native expiry: the later of lease and ttl, plus the grace)
+#: [, fingerprint].
 CLAIM = _CLAIM_ONE + """
-return claim_one(KEYS[1], tonumber(ARGV[1]), ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5],
+local now, snow = clock(ARGV[1])
+return claim_one(KEYS[1], now, snow, ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5],
                  ARGV[6])
 """
 
-#: KEYS records (one slot on a cluster); ARGV now, lease_until, expires_at, lease_ms,
-#: then one token per key. One reply per key, as `CLAIM`'s.
+#: CLAIMABLE, STORE TIME. KEYS records (one slot on a cluster); ARGV now ('' for TIME),
+#: lease, ttl, keep_ms, then one token per key. One reply per key, as `CLAIM`'s.
 CLAIM_MANY = _CLAIM_ONE + """
-local now = tonumber(ARGV[1])
+local now, snow = clock(ARGV[1])
+local lease, ttl = tonumber(ARGV[2]), tonumber(ARGV[3])
 local out = {}
 for i, k in ipairs(KEYS) do
-  out[i] = claim_one(k, now, ARGV[1], ARGV[4 + i], ARGV[2], ARGV[3], ARGV[4], nil)
+  out[i] = claim_one(k, now, snow, ARGV[4 + i], lease, ttl, ARGV[4], nil)
 end
 return out
 """
 
-# The other scripts answer: 1 done, 0 the token does not own the key, -1 another format
-# version, -2 not a hash.
+# FENCED, shared by the other scripts: 1 the token owns the key, 0 it does not, -1 another
+# format version, -2 not a hash; and the fields v s t d e.
 _OWNED = """
 local V = '1'
 local function owned(k, token)
-  local rec = redis.pcall('HMGET', k, 'v', 's', 't', 'd')
+  local rec = redis.pcall('HMGET', k, 'v', 's', 't', 'd', 'e')
   if rec.err then return -2, rec end
   if not rec[1] then
     if rec[2] or rec[3] then return -1, rec end  -- a record without a version
@@ -113,23 +174,26 @@ local function owned(k, token)
 end
 """
 
-#: KEYS[1] record; ARGV token, state (c|f), now, expires_at, ttl_ms[, result].
-COMPLETE = _OWNED + """
+#: FENCED, STORE TIME. KEYS[1] record; ARGV token, state (c|f), now ('' for TIME), ttl
+#: (seconds), ttl_ms (native expiry)[, result]. 1 done, else an `_OWNED` code.
+COMPLETE = _TIME + _OWNED + """
 local k = KEYS[1]
 local ok, rec = owned(k, ARGV[1])
 if ok ~= 1 then return ok end
+local now, snow = clock(ARGV[3])
 if ARGV[6] then
-  redis.call('HSET', k, 's', ARGV[2], 'e', ARGV[4], 'd', rec[4] or ARGV[3], 'r', ARGV[6])
+  redis.call('HSET', k, 's', ARGV[2], 'e', num(now + tonumber(ARGV[4])), 'd', rec[4] or snow,
+             'r', ARGV[6])
   redis.call('HDEL', k, 'l')
 else
-  redis.call('HSET', k, 's', ARGV[2], 'e', ARGV[4], 'd', rec[4] or ARGV[3])
+  redis.call('HSET', k, 's', ARGV[2], 'e', num(now + tonumber(ARGV[4])), 'd', rec[4] or snow)
   redis.call('HDEL', k, 'l', 'r')
 end
 redis.call('PEXPIRE', k, ARGV[5])
 return 1
 """
 
-#: KEYS[1] record; ARGV token. Deletes an in-progress record the token owns.
+#: FENCED. KEYS[1] record; ARGV token. Deletes an in-progress record the token owns.
 RELEASE = _OWNED + """
 local ok, rec = owned(KEYS[1], ARGV[1])
 if ok ~= 1 then return ok end
@@ -138,24 +202,32 @@ redis.call('DEL', KEYS[1])
 return 1
 """
 
-#: KEYS[1] record; ARGV token, lease_until, lease_ms.
-RENEW = _OWNED + """
-local ok, rec = owned(KEYS[1], ARGV[1])
+#: FENCED, STORE TIME. KEYS[1] record; ARGV token, now ('' for TIME), lease (seconds),
+#: lease_ms (the lease plus the grace). Answers the new lease deadline (text), or an
+#: `_OWNED` code (0 also when the record is no longer in progress). The native expiry is
+#: moved only when the lease would outlive ``expires_at``.
+RENEW = _TIME + _OWNED + """
+local k = KEYS[1]
+local ok, rec = owned(k, ARGV[1])
 if ok ~= 1 then return ok end
 if rec[2] ~= 'i' then return 0 end
-redis.call('HSET', KEYS[1], 'l', ARGV[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-return 1
+local now = clock(ARGV[2])
+local until_ = now + tonumber(ARGV[3])
+local lease_until = num(until_)
+redis.call('HSET', k, 'l', lease_until)
+if until_ > tonumber(rec[5]) then redis.call('PEXPIRE', k, ARGV[4]) end
+return lease_until
 """
 
-#: KEYS records (one slot on a cluster); ARGV now[, created_before]. Deletes the records
-#: past expires_at (or, with created_before, created before it), except an in-progress
-#: record whose lease is live; skips keys that are not records of this format. Returns
-#: how many it deleted.
-PURGE = """
+#: PURGEABLE, STORE TIME. KEYS records (one slot on a cluster); ARGV now ('' for TIME)
+#: [, older_than (seconds)]. Deletes the records past expires_at (or, with older_than,
+#: created before now - older_than), except an in-progress record whose lease is live;
+#: skips keys that are not records of this format. Returns how many it deleted.
+PURGE = _TIME + """
 local V = '1'
-local now = tonumber(ARGV[1])
-local before = tonumber(ARGV[2])
+local now = clock(ARGV[1])
+local before = nil
+if ARGV[2] then before = now - tonumber(ARGV[2]) end
 local n = 0
 for _, k in ipairs(KEYS) do
   local rec = redis.pcall('HMGET', k, 'v', 's', 'l', 'c', 'e')

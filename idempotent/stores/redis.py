@@ -2,17 +2,26 @@
 
 Every operation is one Lua script (`_redis_scripts`), so each is atomic and costs one
 round trip: ``EVALSHA``, and ``EVAL`` once if the server does not know the script yet
-(a restarted or new node). A record is one hash under
-``<prefix>:<namespace length>:<namespace>:<key>`` (the length makes the name unambiguous
-whatever the namespace holds); the whole name is hashed to a cluster slot (or its first
-``{...}`` hash tag, as Redis does, if a key holds one), so records spread over the nodes.
-A batch claim groups its keys by slot: one script call for a standalone server, one call
-per slot (pipelined, one round trip per node) on a cluster.
+(a restarted or new node). The scripts implement the rules of `idempotent._rules`:
+``claim`` and ``claim_many`` rule CLAIMABLE, ``complete``, ``release`` and ``renew`` rule
+FENCED, ``purge`` rule PURGEABLE, and every one that reads the time rule STORE TIME: the
+time is Redis' own ``TIME``, read inside the script, and callers send durations (lease,
+ttl), never deadlines, so no worker's clock decides whether a lease is live. REPLAY is
+`idempotent._rules`' own, from the record a claim returns. A clock given to the store
+(tests only) is sent as ``now`` instead.
+
+A record is one hash under ``<prefix>:<namespace length>:<namespace>:<key>`` (the length
+makes the name unambiguous whatever the namespace holds); the whole name is hashed to a
+cluster slot (or its first ``{...}`` hash tag, as Redis does, if a key holds one), so
+records spread over the nodes. A batch claim groups its keys by slot: one script call for
+a standalone server, one call per slot (pipelined, one round trip per node) on a cluster.
 A prefix with a hash tag (``prefix="{idem}"``) keeps every record in one slot, so a batch
 is one call on a cluster too, at the cost of one node holding all records.
 
-Liveness is decided by the scripts from the stored deadlines and the caller's clock;
 Redis' native expiry only removes records after their deadline (see `_redis_scripts`).
+The first operation of a store reads the server's ``maxmemory-policy`` once and refuses
+any policy but ``noeviction`` (`EvictionPolicyError`), unless ``allow_eviction=True``: an
+evicted completed key would run its handler again.
 
 With a ``redis.asyncio`` client the methods stay synchronous and await the client inside
 SQLAlchemy's greenlet bridge, as ``@idempotent`` runs ``async def`` handlers; call them
@@ -22,12 +31,13 @@ from a ``greenlet_spawn``-ed function when using the store directly.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
-import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+from .._keys import check_text
 from .._record import (
     Claimed,
     Completed,
@@ -38,7 +48,7 @@ from .._record import (
     StateCount,
     StoreStats,
 )
-from ..exceptions import IncompatibleRecord, ResultNotSerializable
+from ..exceptions import IdempotencyError, IncompatibleRecord, ResultNotSerializable
 from . import _redis_scripts as lua
 from .base import DEFAULT_LEASE, DEFAULT_TTL, Store, new_token
 
@@ -58,7 +68,12 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "RedisStore needs redis-py: pip install 'idempotent[redis]'"
     ) from exc
 
-__all__ = ["MAX_KEY_LENGTH", "RedisStore"]
+__all__ = [
+    "DEFAULT_SOCKET_TIMEOUT", "MAX_KEY_LENGTH", "EvictionPolicyError", "RedisStore",
+    "ReplicaAckTimeout",
+]
+
+log = logging.getLogger("idempotent")
 
 #: Longest namespace or key (characters) the store takes; the decorator hashes anything
 #: over 128 characters to ``sha256:<hex>`` (71), so only direct callers can exceed it.
@@ -66,6 +81,37 @@ MAX_KEY_LENGTH = 200
 #: Default largest result a record holds (bytes); the server's ``proto-max-bulk-len``
 #: (512 MiB by default) must be larger.
 DEFAULT_MAX_RESULT_BYTES = 16 * 1024 * 1024
+#: ``socket_connect_timeout`` and ``socket_timeout`` (seconds) of a client made from a URL,
+#: unless its options give their own: a blackholed connection cannot hang a call forever.
+DEFAULT_SOCKET_TIMEOUT = 5.0
+
+
+class EvictionPolicyError(IdempotencyError):
+    """The Redis server may evict records: its ``maxmemory-policy`` is not ``noeviction``.
+
+    Under memory pressure such a server deletes keys before their time, a completed key
+    among them, and the redelivery of its message then runs the handler (charges) again.
+    Raised by every operation of the store, before anything is written; ``policy`` names
+    the setting found. Set ``maxmemory-policy noeviction`` or, for a cache where a re-run
+    is acceptable, make the store with ``allow_eviction=True``.
+    """
+
+    def __init__(self, message: str, *, namespace: str | None = None, key: str | None = None,
+                 policy: str | None = None):
+        super().__init__(message, namespace=namespace, key=key)
+        self.policy = policy
+
+
+class ReplicaAckTimeout(redis.exceptions.TimeoutError, TimeoutError):
+    """A complete with ``wait_replicas`` was acknowledged by fewer replicas than asked
+    within ``wait_timeout_ms``. The record is written on the primary (a failover before
+    the replicas catch up could still lose it); the error is transient, so a retry policy
+    completes again (harmless with the same token) and waits again."""
+
+    def __init__(self, message: str, *, acknowledged: int = 0, wanted: int = 0):
+        super().__init__(message)
+        self.acknowledged = acknowledged
+        self.wanted = wanted
 
 _STATES = {b"i": State.IN_PROGRESS, b"c": State.COMPLETED, b"f": State.FAILED}
 _CODES = {State.COMPLETED: b"c", State.FAILED: b"f", State.IN_PROGRESS: b"i"}
@@ -126,6 +172,13 @@ class _Connections:
     asks to reconnect is reconnected. Used only for a sync standalone client that
     `RedisStore` made from a URL itself, without redis-py's metrics enabled (a client
     someone passed may be configured or watched in ways this does not know about).
+
+    A connection goes back with nothing left to read, or disconnected: anything raised
+    during a round trip (a ``KeyboardInterrupt``, a signal handler's exception such as
+    Celery's ``SoftTimeLimitExceeded``, a timeout) between the send and the end of the
+    reply disconnects it, so the next caller never reads another call's reply. Only a
+    server's error reply that was read whole (``NOSCRIPT``, which the next call follows
+    on the same connection) keeps the connection as it is.
     """
 
     __slots__ = ("idle", "pid", "pool", "reconnects")
@@ -137,22 +190,55 @@ class _Connections:
         # redis-py 7+ may ask for a reconnection (server maintenance notifications)
         self.reconnects = hasattr(pool.connection_class, "should_reconnect")
 
-    def execute(self, *args: Any) -> Any:
+    def _take(self) -> Any:
         if self.pid != os.getpid():  # forked: the parent's connections are not ours
             self.idle, self.pid = deque(), os.getpid()
         try:
-            conn = self.idle.pop()
+            return self.idle.pop()
         except IndexError:
-            conn = self.pool.get_connection()
+            return self.pool.get_connection()
+
+    def _keep(self, conn: Any) -> None:
+        if self.reconnects and conn.should_reconnect():
+            # disconnect only: redis-py connects again on the next send, and a connect
+            # failing here would hide this call's own result (a claim already made)
+            conn.disconnect()
+        self.idle.append(conn)
+
+    def _discard(self, conn: Any) -> None:
+        """Back to the deque disconnected: whatever reply was on its way is dropped with
+        the socket; the next send connects again."""
         try:
-            return conn.retry.call_with_retry(
-                lambda: _roundtrip(conn, args), lambda _error: conn.disconnect())
+            conn.disconnect()
         finally:
-            if self.reconnects and conn.should_reconnect():
-                # disconnect only: redis-py connects again on the next send, and a connect
-                # failing here would hide this call's own result (a claim already made)
-                conn.disconnect()
             self.idle.append(conn)
+
+    def execute(self, *args: Any) -> Any:
+        conn = self._take()
+        try:
+            reply = conn.retry.call_with_retry(
+                lambda: _roundtrip(conn, args), lambda _error: conn.disconnect())
+        except NoScriptError:
+            self._keep(conn)  # a whole error reply was read: nothing is left unread
+            raise
+        except BaseException:
+            self._discard(conn)
+            raise
+        self._keep(conn)
+        return reply
+
+    def execute_many(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Several commands sent together on one connection, every reply read (an error
+        reply as its exception, in its place): one round trip."""
+        conn = self._take()
+        try:
+            replies: list[Any] = conn.retry.call_with_retry(
+                lambda: _roundtrips(conn, commands), lambda _error: conn.disconnect())
+        except BaseException:
+            self._discard(conn)
+            raise
+        self._keep(conn)
+        return replies
 
     def clear(self) -> None:
         """Give the kept connections back to the pool (after it disconnected them all),
@@ -171,6 +257,17 @@ def _roundtrip(conn: Any, args: tuple[Any, ...]) -> Any:
     return conn.read_response()  # raises the server's error replies (NoScriptError...)
 
 
+def _roundtrips(conn: Any, commands: list[tuple[Any, ...]]) -> list[Any]:
+    conn.send_packed_command(conn.pack_commands(commands))
+    replies: list[Any] = []
+    for _ in commands:
+        try:
+            replies.append(conn.read_response())
+        except ResponseError as exc:  # read whole: the next reply follows
+            replies.append(exc)
+    return replies
+
+
 class RedisStore(Store):
     """Records in Redis, each operation one atomic Lua script and one round trip.
 
@@ -179,16 +276,42 @@ class RedisStore(Store):
     ``redis.asyncio.Redis``, ``redis.cluster.RedisCluster`` or its asyncio twin. A URL
     makes a ``redis.Redis`` (``cluster=True``: a ``RedisCluster``; ``use_asyncio=True``:
     the asyncio variant), with ``client_options`` passed to its ``from_url``; unless they
-    give ``retry=``, a standalone client reconnects once at once and leaves further
-    attempts to the decorator's retry policy. Clients must not decode responses. With a
-    sync standalone client made from a URL, the scripts run on connections the store
-    keeps out of the pool between calls (`_Connections`; about 20 µs of client CPU less
-    per command than ``execute_command``); a client passed in is used as it is.
+    give their own, it gets ``socket_connect_timeout`` and ``socket_timeout`` of
+    `DEFAULT_SOCKET_TIMEOUT` (5 s; ``None`` turns a timeout off), so a blackholed
+    connection cannot hang a claim or a renewal, and a standalone one reconnects once at
+    once and leaves further attempts to the decorator's retry policy (``retry=``). Clients
+    must not decode responses. With a sync standalone client made from a URL, the scripts
+    run on connections the store keeps out of the pool between calls (`_Connections`;
+    about 20 µs of client CPU less per command than ``execute_command``); a client passed
+    in is used as it is.
+
+    **Time is Redis'.** Lease liveness, takeovers, deadlines and expiry are decided inside
+    the scripts on the server's ``TIME`` (on a cluster, the clock of the node holding the
+    record); ``clock=`` replaces it, for tests only.
+
+    **Eviction.** The first operation reads the server's ``maxmemory-policy`` (``CONFIG
+    GET``; ``INFO memory`` where CONFIG is refused, as on managed services; a warning if
+    neither can be read) and refuses any policy but ``noeviction`` with
+    `EvictionPolicyError`: an evicted completed key would run its handler again.
+    ``allow_eviction=True`` skips the check, for a store used as a cache.
+
+    **Failover.** Redis replicates asynchronously: a primary that fails over can lose
+    writes it had acknowledged, a completed record among them (its redelivery then runs
+    again) or a claim (two workers can then hold the key). ``wait_replicas=N`` makes
+    `complete` send ``WAIT N wait_timeout_ms`` in the same round trip as its script and
+    raise `ReplicaAckTimeout` (transient: retry policies retry it) when fewer replicas
+    acknowledged; ``wait_timeout_ms`` must be shorter than ``socket_timeout``. It narrows
+    the window, it does not close it (``WAIT`` is not consensus); claims do not wait.
 
     ``prefix`` starts every key name. ``max_result_bytes`` bounds a stored result: a
-    larger one is refused by `complete` with `ResultNotSerializable` and the claim is
-    released, so a redelivery can run again. ``load_scripts()`` preloads the scripts.
+    larger one is refused by `complete` with `ResultNotSerializable`, and the record is
+    left as it was (still in progress, still the caller's token): in lease mode the
+    handler's effect has happened, so the caller completes the key with a "result not
+    stored" marker instead of letting a redelivery run again. ``load_scripts()``
+    preloads the scripts (and checks the eviction policy).
     """
+
+    max_result_bytes: int
 
     def __init__(
         self,
@@ -199,6 +322,9 @@ class RedisStore(Store):
         cluster: bool = False,
         use_asyncio: bool = False,
         max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES,
+        allow_eviction: bool = False,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = 1000,
         **client_options: Any,
     ) -> None:
         super().__init__(clock=clock)
@@ -206,9 +332,20 @@ class RedisStore(Store):
             raise ValueError("prefix must be a non-empty str")
         if max_result_bytes < 0:
             raise ValueError("max_result_bytes must not be negative")
+        if type(wait_replicas) is not int or wait_replicas < 0:
+            raise ValueError(f"wait_replicas must be an int >= 0, not {wait_replicas!r}")
+        if wait_replicas and (type(wait_timeout_ms) is not int or wait_timeout_ms < 1):
+            raise ValueError(
+                f"wait_timeout_ms must be a positive int, not {wait_timeout_ms!r} "
+                "(WAIT with 0 would block until the replicas answer, however long)")
         self._direct: _Connections | None = None
         if isinstance(url_or_client, str):
             client = _client_from_url(url_or_client, cluster, use_asyncio, client_options)
+            timeout = _socket_timeout(client)
+            if wait_replicas and timeout is not None and wait_timeout_ms >= timeout * 1000:
+                raise ValueError(
+                    f"wait_timeout_ms={wait_timeout_ms} must be shorter than the client's "
+                    f"socket_timeout ({timeout} s), or every waiting complete times out")
             if (type(client) is redis.Redis and client.connection is None
                     and not _redis_metrics_enabled()):
                 self._direct = _Connections(client.connection_pool)
@@ -223,15 +360,25 @@ class RedisStore(Store):
             )
         if _decodes(client):
             raise ValueError("RedisStore needs a client with decode_responses=False")
+        if wait_replicas and isinstance(client, redis.asyncio.cluster.RedisCluster):
+            raise TypeError("wait_replicas= needs a standalone client or a sync RedisCluster")
         self.client: Any = client
         self.prefix = prefix
+        #: Largest result `complete` stores (bytes); public, so callers can check first.
         self.max_result_bytes = max_result_bytes
+        self.allow_eviction = allow_eviction
+        self.wait_replicas = wait_replicas
+        self.wait_timeout_ms = wait_timeout_ms
         #: True for ``redis.asyncio`` clients: ``@idempotent`` then wants ``async def``.
         self.is_async = isinstance(client, _ASYNC_CLIENTS)
         self.is_cluster = isinstance(client, _CLUSTER_CLIENTS)
         self._prefix = prefix.encode("utf-8", "surrogatepass") + b":"
         self._heads: dict[str, bytes] = {}
         self._wait: Callable[[Any], Any] = _await_only if self.is_async else _same
+        # the eviction policy: True once accepted (or not to be checked); the refusal
+        # once found, raised again by every later operation without asking again
+        self._policy_ok = allow_eviction
+        self._policy_refused: tuple[str, str] | None = None
 
     def __repr__(self) -> str:
         kind = ("async " if self.is_async else "") + ("cluster" if self.is_cluster else "")
@@ -239,7 +386,10 @@ class RedisStore(Store):
 
     def load_scripts(self) -> None:
         """``SCRIPT LOAD`` every script (on every primary of a cluster), so that the first
-        calls skip the NOSCRIPT round trip; optional, e.g. at worker start-up."""
+        calls skip the NOSCRIPT round trip, and check the eviction policy; optional, e.g.
+        at worker start-up."""
+        if not self._policy_ok:
+            self._check_policy()
         # on the connection the scripts will run on, when the store keeps its own
         execute = self.client.execute_command if self._direct is None else self._direct.execute
         for script in _SCRIPTS:
@@ -261,27 +411,74 @@ class RedisStore(Store):
             raise TypeError("aclose() is for a store with a redis.asyncio client; use close()")
         await self.client.aclose()
 
+    # -- the eviction policy --------------------------------------------------------------
+    def _check_policy(self) -> None:
+        """Accept the server's ``maxmemory-policy`` (once) or raise `EvictionPolicyError`."""
+        if self._policy_refused is None:
+            found = self._read_policies()
+            if found is None:
+                log.warning(
+                    "idempotent: could not read the Redis maxmemory-policy (CONFIG GET and "
+                    "INFO memory both refused); make sure it is noeviction: an evicting "
+                    "server forgets completed keys and their redeliveries run again")
+                self._policy_ok = True
+                return
+            bad = {where: policy for where, policy in found.items() if policy != "noeviction"}
+            if not bad:
+                self._policy_ok = True
+                return
+            where = ", ".join(f"{p!r}" + (f" on {w}" if w else "") for w, p in bad.items())
+            self._policy_refused = (where, next(iter(bad.values())))
+        where, policy = self._policy_refused
+        raise EvictionPolicyError(
+            f"Redis maxmemory-policy is {where}: the server may evict idempotency records "
+            "under memory pressure, and a redelivery of an evicted completed key runs its "
+            "handler again. Set maxmemory-policy noeviction (CONFIG SET maxmemory-policy "
+            "noeviction, or your provider's parameter group), or make the store with "
+            "RedisStore(..., allow_eviction=True) if re-runs are acceptable (a cache); "
+            "nothing was written",
+            policy=policy,
+        )
+
+    def _read_policies(self) -> dict[str, str] | None:
+        """``{node: policy}`` (node ``""`` for a standalone server), or None if the server
+        lets us read neither ``CONFIG GET maxmemory-policy`` nor ``INFO memory``."""
+        client = self.client
+        options = {"target_nodes": client.PRIMARIES} if self.is_cluster else {}
+        for command, arg, field in (("config_get", "maxmemory-policy", "maxmemory-policy"),
+                                    ("info", "memory", "maxmemory_policy")):
+            try:
+                found = _policies(self._wait(getattr(client, command)(arg, **options)), field)
+            except ResponseError:  # refused (ACL, a renamed or disabled command)
+                continue
+            if found:
+                return found
+        return None
+
     # -- key names ------------------------------------------------------------------------
     def key_name(self, namespace: str, key: str) -> bytes:
         """The Redis key of a record: ``<prefix>:<len(namespace)>:<namespace>:<key>``,
-        UTF-8 (lone surrogates kept with ``surrogatepass``, so every str is a key)."""
+        UTF-8. A key or namespace a claim refuses (empty, too long, not a str, a NUL, a
+        lone surrogate) is refused here too, so complete, release and renew refuse it."""
         head = self._heads.get(namespace)
         if head is None:
             head = self._head(namespace)
-        if type(key) is not str or not key or len(key) > MAX_KEY_LENGTH:
+        if (type(key) is not str or not key or len(key) > MAX_KEY_LENGTH
+                or not key.isascii() or "\x00" in key):
             _check_text("key", key)
-        return head + key.encode("utf-8", "surrogatepass")
+        return head + key.encode()
 
     def _head(self, namespace: str) -> bytes:
         _check_text("namespace", namespace)
-        ns = namespace.encode("utf-8", "surrogatepass")
+        ns = namespace.encode()
         head = b"%s%d:%s:" % (self._prefix, len(ns), ns)
         if len(self._heads) < 10_000:  # namespaces are few; never grow without bound
             self._heads[namespace] = head
         return head
 
     def _split(self, name: bytes) -> tuple[str, str] | None:
-        """(namespace, key) of a key name, or None if it is not one of ours."""
+        """(namespace, key) of a key name, or None if it is not one of ours. (Names are
+        read with ``surrogatepass``: an older version stored lone surrogates.)"""
         if not name.startswith(self._prefix):
             return None
         rest = name[len(self._prefix):]
@@ -295,6 +492,8 @@ class RedisStore(Store):
     # -- running scripts ----------------------------------------------------------------
     def _eval(self, script: _Script, numkeys: int, *args: Any) -> Any:
         """One script call: ``EVALSHA``, or ``EVAL`` (which caches it) after NOSCRIPT."""
+        if not self._policy_ok:
+            self._check_policy()
         direct = self._direct
         execute = self.client.execute_command if direct is None else direct.execute
         try:
@@ -322,8 +521,47 @@ class RedisStore(Store):
         return replies
 
     def _pipeline(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        if not self._policy_ok:
+            self._check_policy()
         pipe = (self.client.pipeline() if self.is_cluster
                 else self.client.pipeline(transaction=False))
+        for command in commands:
+            pipe.execute_command(*command)
+        return list(self._wait(pipe.execute(raise_on_error=False)))
+
+    def _eval_and_wait(self, namespace: str, key: str, name: bytes, script: _Script,
+                       args: tuple[Any, ...]) -> Any:
+        """One script call on ``name`` followed by ``WAIT wait_replicas wait_timeout_ms``
+        on the same connection, sent together: one round trip. Raises `ReplicaAckTimeout`
+        when the script wrote (1) and fewer replicas acknowledged."""
+        if not self._policy_ok:
+            self._check_policy()
+        wait = ("WAIT", self.wait_replicas, self.wait_timeout_ms)
+        replies = self._together(name, [("EVALSHA", script.sha, 1, name, *args), wait])
+        if isinstance(replies[0], NoScriptError):
+            replies = self._together(name, [("EVAL", script.text, 1, name, *args), wait])
+        for r in replies:
+            if isinstance(r, Exception):
+                raise r
+        done, acknowledged = replies
+        if done == 1 and acknowledged < self.wait_replicas:
+            wanted = self.wait_replicas
+            raise ReplicaAckTimeout(
+                f"{namespace}: key {key!r} completed on the primary, but {acknowledged} of "
+                f"{wanted} replica{'s' if wanted != 1 else ''} acknowledged it within "
+                f"{self.wait_timeout_ms} ms; a failover now could lose it",
+                acknowledged=acknowledged, wanted=wanted)
+        return done
+
+    def _together(self, name: bytes, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """``commands`` on one connection to the node of ``name``, in one round trip."""
+        if self._direct is not None:
+            return self._direct.execute_many(commands)
+        if self.is_cluster:  # WAIT counts the replicas of the node the script wrote on
+            node = self.client.get_node_from_key(name)
+            pipe = node.redis_connection.pipeline(transaction=False)
+        else:
+            pipe = self.client.pipeline(transaction=False)
         for command in commands:
             pipe.execute_command(*command)
         return list(self._wait(pipe.execute(raise_on_error=False)))
@@ -337,6 +575,13 @@ class RedisStore(Store):
             groups.setdefault(key_slot(name), []).append(i)
         return list(groups.values())
 
+    # -- time -----------------------------------------------------------------------------
+    def _now(self) -> float:
+        """Redis' ``TIME``: one round trip (on a cluster, one node's clock)."""
+        execute = self.client.execute_command if self._direct is None else self._direct.execute
+        seconds, micro = self._wait(execute("TIME"))
+        return float(f"{int(seconds)}.{int(micro):06d}")  # as the scripts read it
+
     # -- lease mode ---------------------------------------------------------------------
     def _claim(
         self,
@@ -348,34 +593,30 @@ class RedisStore(Store):
         lease: float,
         ttl: float,
     ) -> Outcome | None:
-        """One ``EVALSHA``: claim, take over, or report the record, atomically."""
-        if now is None:
-            now = time.time()
-        lease_until, expires_at = now + lease, now + ttl
+        """One ``EVALSHA`` (rule CLAIMABLE on Redis' time): claim, take over, or report
+        the record, atomically."""
         name = self.key_name(namespace, key)
-        ms = _ms(lease_until - now)
+        keep = _ms(ttl if ttl > lease else lease)
         if fingerprint is None:
-            reply = self._eval(_CLAIM, 1, name, now, token, lease_until, expires_at, ms)
+            reply = self._eval(_CLAIM, 1, name, "" if now is None else now, token, lease, ttl,
+                               keep)
         else:
-            reply = self._eval(
-                _CLAIM, 1, name, now, token, lease_until, expires_at, ms, fingerprint)
+            reply = self._eval(_CLAIM, 1, name, "" if now is None else now, token, lease, ttl,
+                               keep, fingerprint)
         if reply[0] == _CLAIMED:  # the common case first
-            return Claimed(token, lease_until)
-        return self._outcome(namespace, key, token, lease_until, reply, now)
+            return Claimed(token, float(reply[1]))
+        return self._outcome(namespace, key, token, reply)
 
-    def _outcome(
-        self, namespace: str, key: str, token: str, lease_until: float, reply: list[Any],
-        now: float,
-    ) -> Outcome:
+    def _outcome(self, namespace: str, key: str, token: str, reply: list[Any]) -> Outcome:
         code = reply[0]
         if code == _CLAIMED:
-            return Claimed(token, lease_until)
+            return Claimed(token, float(reply[1]))
         if code == _TAKEN_OVER:
-            return Claimed(token, lease_until, True)
+            return Claimed(token, float(reply[1]), True)
         if code == _FOUND:
             return Completed(_record(namespace, key, reply))
         if code == _BUSY:
-            return InProgress(_record(namespace, key, reply), now)
+            return InProgress(_record(namespace, key, reply), float(reply[10]))
         raise self._bad_record(namespace, key, code, reply[1])
 
     def claim_many(
@@ -388,26 +629,26 @@ class RedisStore(Store):
     ) -> dict[str, Outcome]:
         """Claim several keys of one namespace in one round trip (one script call on a
         standalone server; on a cluster one call per slot, pipelined: one round trip per
-        node). Each key's claim is atomic; the batch as a whole is not a transaction."""
+        node). Each key's claim is atomic (rule CLAIMABLE, on the time of the node that
+        holds it); the batch as a whole is not a transaction."""
         unique = list(dict.fromkeys(keys))
         if not unique:
             return {}
         names = [self.key_name(namespace, k) for k in unique]
-        now = self.now()
-        lease_until, expires_at = now + lease, now + ttl
+        clock = self.clock
+        now: Any = "" if clock is None else clock()
+        keep = _ms(ttl if ttl > lease else lease)
         tokens = [new_token() for _ in unique]
         groups = self._by_slot(names)
         calls = [
             (_CLAIM_MANY, len(group),
-             (*(names[i] for i in group), now, lease_until, expires_at, _ms(lease),
-              *(tokens[i] for i in group)))
+             (*(names[i] for i in group), now, lease, ttl, keep, *(tokens[i] for i in group)))
             for group in groups
         ]
         out: dict[str, Outcome] = {}
         for group, replies in zip(groups, self._eval_each(calls), strict=True):
             for i, reply in zip(group, replies, strict=True):
-                out[unique[i]] = self._outcome(namespace, unique[i], tokens[i], lease_until,
-                                               reply, now)
+                out[unique[i]] = self._outcome(namespace, unique[i], tokens[i], reply)
         return {k: out[k] for k in unique}
 
     def _complete(
@@ -420,44 +661,47 @@ class RedisStore(Store):
         now: float | None,
         ttl: float,
     ) -> bool:
-        """One ``EVALSHA``; stores the result only while ``token`` owns the key. A result
-        over ``max_result_bytes`` releases the claim and raises `ResultNotSerializable`:
-        nothing is stored, a redelivery can run again."""
-        if now is None:
-            now = time.time()
-        expires_at = now + ttl
+        """One ``EVALSHA`` (rule FENCED): stores the result only while ``token`` owns the
+        key, expiry Redis' now + ``ttl``; with ``wait_replicas``, ``WAIT`` in the same
+        round trip. A result over ``max_result_bytes`` raises `ResultNotSerializable`
+        and touches nothing: the record stays in progress, the token's."""
         name = self.key_name(namespace, key)
-        code, ms = _CODES[state], _ms(expires_at - now)
-        if result is None:
-            done = self._eval(_COMPLETE, 1, name, token, code, now, expires_at, ms)
-        else:
+        args: tuple[Any, ...] = (token, _CODES[state], "" if now is None else now, ttl, _ms(ttl))
+        if result is not None:
             if len(result) > self.max_result_bytes:
-                self._too_big(namespace, key, token, len(result))
-            done = self._eval(_COMPLETE, 1, name, token, code, now, expires_at, ms, result)
+                raise self._too_big(namespace, key, len(result))
+            args = (*args, result)
+        if self.wait_replicas:
+            done = self._eval_and_wait(namespace, key, name, _COMPLETE, args)
+        else:
+            done = self._eval(_COMPLETE, 1, name, *args)
         return done == 1 or self._owned(namespace, key, done)
 
-    def _too_big(self, namespace: str, key: str, token: str, size: int) -> None:
-        self.release(namespace, key, token)
-        raise ResultNotSerializable(
+    def _too_big(self, namespace: str, key: str, size: int) -> ResultNotSerializable:
+        return ResultNotSerializable(
             f"{namespace}: result for key {key!r} is {size:,} bytes, over the store's "
-            f"max_result_bytes={self.max_result_bytes:,}; not stored, claim released",
+            f"max_result_bytes={self.max_result_bytes:,}; not stored, and the claim is "
+            "left as it was (still in progress, still this token's)",
             namespace=namespace,
             key=key,
         )
 
     def _release(self, namespace: str, key: str, token: str) -> bool:
-        """One ``EVALSHA``: deletes the in-progress record ``token`` owns."""
+        """One ``EVALSHA`` (rule FENCED): deletes the in-progress record ``token`` owns."""
         done = self._eval(_RELEASE, 1, self.key_name(namespace, key), token)
         return self._owned(namespace, key, done)
 
     def _renew(
         self, namespace: str, key: str, token: str, now: float | None, lease: float
     ) -> float | None:
-        """One ``EVALSHA``: moves the lease deadline (and the native expiry)."""
-        lease_until = (time.time() if now is None else now) + lease
-        ms = _ms(lease)
-        done = self._eval(_RENEW, 1, self.key_name(namespace, key), token, lease_until, ms)
-        return lease_until if self._owned(namespace, key, done) else None
+        """One ``EVALSHA`` (rule FENCED): moves the lease deadline to Redis' now +
+        ``lease`` (the native expiry only if the lease would outlive ``expires_at``)."""
+        done = self._eval(_RENEW, 1, self.key_name(namespace, key), token,
+                          "" if now is None else now, lease, _ms(lease))
+        if type(done) is bytes:
+            return float(done)
+        self._owned(namespace, key, done)  # raises for a record of another format
+        return None
 
     def _owned(self, namespace: str, key: str, code: int) -> bool:
         if code < 0:
@@ -466,24 +710,30 @@ class RedisStore(Store):
 
     def _get(self, namespace: str, key: str) -> Record | None:
         """One ``HMGET``."""
-        name = self.key_name(namespace, key)
+        return self._read(namespace, key, self.key_name(namespace, key))
+
+    def _read(self, namespace: str, key: str, name: bytes) -> Record | None:
+        if not self._policy_ok:
+            self._check_policy()
         try:
             reply = self._wait(self.client.execute_command("HMGET", name, *_FIELDS))
         except ResponseError as exc:
             if "WRONGTYPE" not in str(exc):
                 raise
-            raise self._bad_record(namespace, key, lua.WRONG_TYPE, str(exc)) from exc
+            raise self._bad_record(namespace, key, lua.WRONG_TYPE, str(exc), name) from exc
         version = reply[0]
         if version is None:
             if any(field is not None for field in reply):  # a record without a version
-                raise self._bad_record(namespace, key, lua.BAD_VERSION, b"")
+                raise self._bad_record(namespace, key, lua.BAD_VERSION, b"", name)
             return None
         if version != lua.FORMAT_VERSION.encode():
-            raise self._bad_record(namespace, key, lua.BAD_VERSION, version)
+            raise self._bad_record(namespace, key, lua.BAD_VERSION, version, name)
         return _record(namespace, key, [None, *reply])
 
-    def _bad_record(self, namespace: str, key: str, code: int, detail: Any) -> IncompatibleRecord:
-        name = self.key_name(namespace, key)
+    def _bad_record(self, namespace: str, key: str, code: int, detail: Any,
+                    name: bytes | None = None) -> IncompatibleRecord:
+        if name is None:
+            name = self.key_name(namespace, key)
         if code == lua.BAD_VERSION:
             found = (f"format version {detail.decode(errors='replace')!r}" if detail
                      else "no format version")
@@ -520,9 +770,11 @@ class RedisStore(Store):
         self, now: float, older_than: float | None, namespace: str | None, batch: int
     ) -> int:
         """SCAN the prefix, and per ``batch`` names one script call per slot (pipelined)
-        that re-checks each record and deletes it atomically. Native expiry removes most
-        records before a purge sees them."""
-        args: tuple[Any, ...] = (now,) if older_than is None else (now, now - older_than)
+        that re-checks each record and deletes it atomically (rule PURGEABLE, on the time
+        of the node that holds it, read by the script itself unless a clock is injected).
+        Native expiry removes most records before a purge sees them."""
+        when: Any = "" if self.clock is None else now
+        args: tuple[Any, ...] = (when,) if older_than is None else (when, older_than)
         total = 0
         for names in self._scan(namespace, batch):
             calls = [(_PURGE, len(g), (*(names[i] for i in g), *args))
@@ -531,9 +783,10 @@ class RedisStore(Store):
         return total
 
     def _stats(self, now: float, namespace: str | None) -> StoreStats:
-        """SCAN the prefix; per batch one pipelined ``HMGET`` per record."""
+        """SCAN the prefix; per batch one pipelined ``HMGET`` per record; expired means
+        past ``now``, the store's time when the walk began."""
         counts: dict[tuple[str, State], list[int]] = {}
-        oldest: tuple[float, str, str] | None = None
+        oldest: tuple[float, str, str, bytes] | None = None
         version = lua.FORMAT_VERSION.encode()
         for names in self._scan(namespace, 500):
             replies = self._pipeline([("HMGET", n, b"v", b"s", b"c", b"e") for n in names])
@@ -547,11 +800,11 @@ class RedisStore(Store):
                 slot[0] += 1
                 slot[1] += float(reply[3]) <= now
                 if state is State.IN_PROGRESS and (oldest is None or float(reply[2]) < oldest[0]):
-                    oldest = (float(reply[2]), ns, key)
+                    oldest = (float(reply[2]), ns, key, name)
         rows = tuple(StateCount(ns, st, n, expired)
                      for (ns, st), (n, expired) in sorted(counts.items(),
                                                           key=lambda i: (i[0][0], i[0][1].value)))
-        record = None if oldest is None else self._get(oldest[1], oldest[2])
+        record = None if oldest is None else self._read(oldest[1], oldest[2], oldest[3])
         return StoreStats(rows, record)
 
 
@@ -572,6 +825,8 @@ def _record(namespace: str, key: str, r: list[Any]) -> Record:
 
 
 def _check_text(what: str, value: Any) -> None:
+    """Refuse what a record name cannot be: not a str, empty, too long, or text that the
+    base store refuses (a NUL, a lone surrogate: `InvalidIdempotencyKey`)."""
     if not isinstance(value, str):
         raise TypeError(f"a {what} must be str, not {type(value).__qualname__}")
     if not value:
@@ -581,6 +836,36 @@ def _check_text(what: str, value: Any) -> None:
             f"a {what} of {len(value)} characters is over the store's limit of "
             f"{MAX_KEY_LENGTH}; hash it (as @idempotent does for anything over 128)"
         )
+    check_text(what, value)
+
+
+def _policies(reply: Any, field: str) -> dict[str, str]:
+    """``{node: policy}`` from a ``CONFIG GET``/``INFO`` reply (a mapping, or on a
+    cluster a mapping of node name to one), ``field`` looked up as str or bytes."""
+    out: dict[str, str] = {}
+    if not isinstance(reply, dict):
+        return out
+    for name in (field, field.encode()):
+        if name in reply:
+            value = reply[name]
+            out[""] = value.decode() if isinstance(value, bytes) else str(value)
+            return out
+    for node, sub in reply.items():
+        for where, policy in _policies(sub, field).items():
+            out[where or (node.decode() if isinstance(node, bytes) else str(node))] = policy
+    return out
+
+
+def _socket_timeout(client: Any) -> float | None:
+    """The ``socket_timeout`` a client made from a URL connects with."""
+    if isinstance(client, _CLUSTER_CLIENTS):
+        kwargs = getattr(client, "nodes_manager", None)
+        kwargs = getattr(kwargs, "connection_kwargs", None) or getattr(
+            client, "connection_kwargs", {})
+    else:
+        kwargs = client.connection_pool.connection_kwargs
+    value = kwargs.get("socket_timeout")
+    return None if value is None else float(value)
 
 
 def _glob_escape(raw: bytes) -> bytearray:
@@ -598,7 +883,9 @@ def _decodes(client: Any) -> bool:
 
 
 def _client_from_url(url: str, cluster: bool, use_asyncio: bool, options: dict[str, Any]) -> Any:
-    options = {**options, "decode_responses": False}
+    # timeouts unless the user's options say otherwise (redis-py before 8 has none)
+    options = {"socket_connect_timeout": DEFAULT_SOCKET_TIMEOUT,
+               "socket_timeout": DEFAULT_SOCKET_TIMEOUT, **options, "decode_responses": False}
     if cluster:
         cls: Any = redis.asyncio.cluster.RedisCluster if use_asyncio else redis.cluster.RedisCluster
         return cls.from_url(url, **options)
