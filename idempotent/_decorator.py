@@ -165,14 +165,16 @@ class _Handler:
     def _make_wrapper(self) -> Callable[..., Any]:
         fn, deliver_one = self.fn, self._deliver
         if self.is_async:
-            from sqlalchemy.util import await_only, greenlet_spawn
+            from sqlalchemy.util import await_only
+
+            from ._bridge import run
 
             def call(*a: Any, **kw: Any) -> Any:
                 return await_only(fn(*a, **kw))
 
             @functools.wraps(fn)
             async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
-                return await greenlet_spawn(deliver_one, args, kwargs, call)
+                return await run(deliver_one, args, kwargs, call)
             wrapper: Callable[..., Any] = async_wrapper
         else:
             @functools.wraps(fn)

@@ -413,9 +413,9 @@ class Lease:
 def _start_async_heartbeat(flow: Flow, key: str, token: str) -> _heartbeat.Beat:
     from sqlalchemy.util import greenlet_spawn
 
-    store, ns, lease = flow.store, flow.namespace, flow.lease
-    return _heartbeat.start_async(
-        lambda: greenlet_spawn(store.renew, ns, key, token, lease), lease / 3)
+    lease = flow.lease
+    return _heartbeat.start_async(greenlet_spawn, lease / 3, flow.store.renew,
+                                  flow.namespace, key, token, lease)
 
 
 class OwnTransaction:

@@ -310,12 +310,13 @@ class _AsyncBeat(Beat):
 
     def __init__(
         self,
-        renew: Callable[[], Awaitable[object]],
+        renew: Callable[..., Awaitable[object]],
         interval: float,
         loop: asyncio.AbstractEventLoop,
-        renewer: _Renewer,
+        renewer: _Renewer | None = None,
+        args: tuple[object, ...] = (),
     ) -> None:
-        super().__init__(_nothing, interval)
+        super().__init__(_nothing, interval, None, args)
         self.renew_async = renew
         self.loop = loop
         self.running = False  # a renewal is scheduled or under way on the loop
@@ -350,14 +351,15 @@ class _AsyncBeat(Beat):
                 if attempt.done() or self.stopped:
                     break
                 log.warning(_STUCK, getattr(self.renew_async, "__qualname__",
-                                            self.renew_async), (), time.monotonic() - started)
+                                            self.renew_async), self.args,
+                            time.monotonic() - started)
         finally:
             self.started = None
             self.running = False
 
     async def _once(self) -> None:
         try:
-            await self.renew_async()
+            await self.renew_async(*self.args)
         except LeaseLost:
             self.lost = True
             self.stop()
@@ -379,8 +381,11 @@ def _nothing() -> None:
     return None
 
 
-def start_async(renew: Callable[[], Awaitable[object]], interval: float) -> Beat:
-    """Await ``renew()`` every ``interval`` seconds on the running loop until stopped."""
-    beat = _AsyncBeat(renew, interval, asyncio.get_running_loop(), _renewer)
+def start_async(renew: Callable[..., Awaitable[object]], interval: float,
+                *args: object) -> Beat:
+    """Await ``renew(*args)`` every ``interval`` seconds on the running loop until stopped
+    (arguments rather than a closure: fewer objects that outlive a short handler, which
+    the garbage collector would otherwise have to walk)."""
+    beat = _AsyncBeat(renew, interval, asyncio.get_running_loop(), None, args)
     _renewer.add(beat)
     return beat
