@@ -2,20 +2,39 @@
 
 Two ways to use it:
 
-* **transactional** (`SqlStore.transaction`): the key is claimed inside the transaction
-  that carries the handler's own writes, and commits or vanishes with them;
+* **transactional** (`SqlStore.transaction`, `SqlStore.join`): the key is claimed inside
+  the transaction that carries the handler's own writes, and commits or vanishes with them;
 * **lease** (`Store.claim` / `complete` / `release` / `renew`): each operation is one
   autocommit statement, for handlers whose effects live outside the database.
+
+**Time is the store's** (rule STORE TIME of `idempotent._rules`). On PostgreSQL each
+statement that needs "now" computes it once, on the database's clock: a CTE ``idem_now``
+holds ``COALESCE(:now, extract(epoch FROM clock_timestamp()))``, where ``:now`` is NULL
+unless a test injected a clock, and every "now" of the statement reads it (a lease claim
+returns it, and the lease deadline, from the database). SQLite is embedded, on one host:
+its time is the local clock, ``time.time()``, bound as ``:now``.
+
+**The SQL text exists once.** Every statement is built here with Core (`_Statements`,
+each naming the rule it implements); the fast paths run the same statements compiled for
+their driver: PostgreSQL prepared statements (`_pg_fast`), SQLite qmark SQL on the
+``sqlite3`` connection. Table and schema names are quoted by the dialect wherever they
+appear.
+
+**An infinite ttl** (``ttl=float("inf")``) is stored as it is: ``'Infinity'`` in
+PostgreSQL's double precision, ``Inf`` in SQLite's REAL. Such a record never expires; a
+purge removes it only with ``older_than``.
 
 Round trips, on PostgreSQL with psycopg (BEGIN is sent with the first statement):
 a transactional first delivery costs what a bare transaction costs, three round trips
 (BEGIN+claim pipelined, the handler's statements, result+COMMIT pipelined); a duplicate
-costs one. Lease claim, complete, release and renew are one statement each; a claim
-that finds another worker's record reads it with a second.
+costs one. Lease claim, complete, release and renew are one statement each; a lease
+claim of a key that exists writes nothing (no row lock, no transaction id). On SQLite a
+lease claim reads first and writes only a new key or a claimable record.
 """
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -28,9 +47,10 @@ from sqlalchemy.orm import Session
 
 from .._keys import fit
 from .._record import Claimed, Outcome, Record, State, StateCount, StoreStats
+from .._rules import check_fingerprint, claimable, is_takeover, outcome_of
 from . import _sql_schema
 from ._pg_fast import PgFastPath, raise_if_lock_timeout
-from .._rules import outcome_of
+from ._sql_schema import COLUMNS
 from .base import DEFAULT_TTL, Store
 
 if TYPE_CHECKING:
@@ -40,6 +60,11 @@ if TYPE_CHECKING:
 
 _ASYNC_DRIVERS = {"aiosqlite", "asyncpg", "psycopg_async", "aiomysql", "asyncmy"}
 _P = sa.bindparam
+_IN_PROGRESS = State.IN_PROGRESS.value
+_COMPLETED = State.COMPLETED.value
+#: Where `SqlStore.join` keeps the caller's lock_timeout while it claims (PostgreSQL; a
+#: custom setting, local to the transaction).
+SAVED_LOCK_TIMEOUT = "idempotent.caller_lock_timeout"
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -61,65 +86,211 @@ def _upsert_for(dialect: str) -> Callable[[sa.Table], Any] | None:
     return None
 
 
+def _const(value: str) -> Any:
+    """One of our own constants (a state name) written into the SQL, not bound."""
+    return sa.literal_column(f"'{value}'", sa.String)
+
+
+def _pg_clock() -> Any:
+    """PostgreSQL's clock in epoch seconds, double precision (``extract`` gives numeric)."""
+    return sa.cast(sa.extract("epoch", sa.func.clock_timestamp()), sa.Double)
+
+
 class _Statements:
-    """Every statement the store runs, built once with bind parameters."""
+    """Every statement the store runs, built once with Core and bind parameters; the
+    fast paths compile these same objects for their drivers.
+
+    Binds: ``ns``, ``k`` (the key), ``fp``, ``tok``, ``res``, ``st``; durations ``ttl``,
+    ``lease``; ``now`` (STORE TIME: on PostgreSQL NULL unless a test injected a clock, the
+    statement then reads the database's clock once, in the CTE ``idem_now``; elsewhere
+    the local clock); ``lt`` (join's lock_timeout, ms).
+    """
 
     def __init__(self, table: sa.Table, dialect: str) -> None:
-        t = table
-        self.table = t
-        where_key = (t.c.namespace == _P("ns")) & (t.c.key == _P("k"))
-        self.select = sa.select(*[t.c[c] for c in _sql_schema.COLUMNS]).where(where_key)
-        expired = t.c.expires_at <= _P("now")
+        t = self.table = table
+        self.pg = pg = dialect == "postgresql"
         upsert = _upsert_for(dialect)
         self.upsert = upsert is not None
+        ns, k = _P("ns", type_=sa.String), _P("k", type_=sa.String)
+        fp, tok = _P("fp", type_=sa.String), _P("tok", type_=sa.String)
+        ttl, lease = _P("ttl", type_=sa.Double), _P("lease", type_=sa.Double)
+        res = _P("res", type_=sa.LargeBinary)
+        now_bind = _P("now", type_=sa.Double)
+        cols = [t.c[c] for c in COLUMNS]
+        where_key = (t.c.namespace == ns) & (t.c.key == k)
+        self.select = sa.select(*cols).where(where_key)
 
-        # transactional claim: the row is written as completed at once; nobody sees it
-        # before COMMIT, and a rollback takes it away
-        tx_values: dict[str, Any] = {
-            "namespace": _P("ns"), "key": _P("k"), "state": State.COMPLETED.value,
-            "fingerprint": _P("fp"), "result": None, "token": None, "lease_until": None,
-            "created_at": _P("now"), "completed_at": _P("now"), "expires_at": _P("exp"),
-        }
-        lease_values = {
-            **tx_values, "state": State.IN_PROGRESS.value, "token": _P("tok"),
-            "lease_until": _P("lu"), "completed_at": None,
-        }
-        if upsert is not None:
-            ins = upsert(t).values(tx_values)
-            self.claim_tx = ins.on_conflict_do_update(
+        # STORE TIME: the statement's one "now"
+        now_cte = (sa.select(sa.func.coalesce(now_bind, _pg_clock()).label("t"))
+                   .cte("idem_now") if pg else None)
+        # (SELECT t FROM idem_now): the CTE is volatile, so PostgreSQL runs it once per
+        # statement and every reference reads that one row
+        now: Any = now_bind if now_cte is None else sa.select(now_cte.c.t).scalar_subquery()
+        self.clock = sa.select(_pg_clock())
+
+        def new_row(now: Any, state: str, **over: Any) -> dict[str, Any]:
+            """A new record's columns: created now, expiring ``ttl`` later."""
+            row = {
+                "namespace": ns, "key": k, "state": _const(state), "fingerprint": fp,
+                "result": sa.null(), "token": sa.null(), "lease_until": sa.null(),
+                "created_at": now, "completed_at": now if state == _COMPLETED else sa.null(),
+                "expires_at": now + ttl,
+            }
+            row.update(over)
+            return row
+
+        def insert_row(ins: Any, row: dict[str, Any], where: Any = None) -> Any:
+            """``ins`` with ``row``: VALUES, or a SELECT of them ``where``."""
+            if where is None:
+                return ins.values(row)
+            source = sa.select(*[v.label(c) for c, v in row.items()]).where(where)
+            return ins.from_select(list(row), source)
+
+        def claim_tx(now: Any, *returning: Any) -> Any:
+            """CLAIMABLE (transactional): insert the key as completed (nobody sees it
+            before COMMIT, a rollback takes it away), or take over an expired record:
+            ``expires_at <= EXCLUDED.created_at``, the statement's now (STORE TIME)."""
+            row = new_row(now, _COMPLETED)
+            if upsert is None:  # generic SQL: insert under a savepoint, IntegrityError: "exists"
+                return sa.insert(t).values(row)
+            ins = insert_row(upsert(t), row)
+            return ins.on_conflict_do_update(
                 index_elements=[t.c.namespace, t.c.key],
-                set_={c: ins.excluded[c] for c in _sql_schema.COLUMNS[2:]},
-                where=expired,
-            ).returning(t.c.key)
-            ins = upsert(t).values(lease_values)
-            self.claim_lease = ins.on_conflict_do_update(
-                index_elements=[t.c.namespace, t.c.key],
-                set_={c: ins.excluded[c] for c in _sql_schema.COLUMNS[2:]},
-                where=expired
-                | ((t.c.state == State.IN_PROGRESS.value) & (t.c.lease_until <= _P("now"))),
-            ).returning(t.c.key)
-        else:  # generic SQL: insert under a savepoint, IntegrityError means "exists"
-            self.claim_tx = sa.insert(t).values(tx_values)
-            self.claim_lease = sa.insert(t).values(lease_values)
-        self.delete_expired = sa.delete(t).where(where_key & expired)
+                set_={c: ins.excluded[c] for c in COLUMNS[2:]},
+                where=t.c.expires_at <= ins.excluded.created_at,
+            ).returning(t.c.key, *returning)
+
+        # the record and, on the store's clock, whether it expired (STORE TIME, CLAIMABLE)
+        self.read = sa.select(*cols, (t.c.expires_at <= now).label("expired")).where(where_key)
+        self.claim_tx = claim_tx(now)
+        # CLAIMABLE: an expired record goes before its key is inserted again
+        self.delete_expired = sa.delete(t).where(where_key & (t.c.expires_at <= now))
         # optimistic mode writes the record once, after the handler, with its result
-        self.insert_done = sa.insert(t).values({**tx_values, "result": _P("res")})
-        self.store_result = (
-            sa.update(t).where(where_key).values(result=_P("res"))
-        )
-        owned = where_key & (t.c.token == _P("tok"))
-        self.complete = (
-            sa.update(t)
-            .where(owned)
-            .values(
-                state=_P("st"), result=_P("res"), lease_until=None,
-                completed_at=sa.func.coalesce(t.c.completed_at, _P("now")),
-                expires_at=_P("exp"),
+        # (STORE TIME: created and completed at the statement's now)
+        self.insert_done = insert_row(sa.insert(t), new_row(now, _COMPLETED, result=res))
+        self.store_result = sa.update(t).where(where_key).values(result=res)
+
+        # -- caller-owned transactions (join, record_many) on PostgreSQL: the claim alone
+        # is bounded by the store's lock_timeout. The CTE sets it for the transaction
+        # (set_config(..., true)) after saving the caller's value, nested so that the
+        # save runs first; the RETURNING or the read that follows puts the caller's value
+        # back, so the rest of the caller's transaction keeps its own setting.
+        self.claim_join = self.read_join = self.many_join = None
+        if pg:
+            setting, saved = _const("lock_timeout"), _const(SAVED_LOCK_TIMEOUT)
+            keep = sa.func.set_config(saved, sa.func.current_setting(setting), sa.true())
+            lock_cte = sa.select(
+                sa.func.coalesce(now_bind, _pg_clock()).label("t"),
+                sa.func.set_config(setting, sa.func.concat(
+                    _P("lt", type_=sa.String), sa.func.left(keep, sa.literal_column("0"))),
+                    sa.true()).label("lt"),
+            ).cte("idem_now")
+            restore = sa.func.set_config(
+                setting, sa.func.current_setting(saved), sa.true()).label("restored")
+            lock_now = sa.select(lock_cte.c.t).scalar_subquery()
+            self.claim_join = claim_tx(lock_now, restore)
+            self.read_join = sa.select(*cols, restore).where(where_key)
+
+        # -- record_many: one statement for a batch (CLAIMABLE, STORE TIME as claim_tx)
+        self.many: Any = None
+        if pg or dialect == "sqlite":
+            def many(now: Any) -> Any:
+                assert upsert is not None
+                if pg:
+                    from sqlalchemy.dialects.postgresql import ARRAY
+
+                    keys = sa.func.unnest(sa.cast(_P("keys"), ARRAY(sa.Text))).table_valued(
+                        "value").render_derived("idem_keys")
+                    source = sa.select(ns.label("namespace"), keys.c.value.label("key"),
+                                       _const(_COMPLETED).label("state"),
+                                       now.label("created_at"), now.label("completed_at"),
+                                       (now + ttl).label("expires_at")).select_from(keys)
+                else:  # WHERE true: SQLite's parser needs it before ON CONFLICT
+                    keys = sa.func.json_each(_P("keys", type_=sa.String)).table_valued(
+                        "value").alias("idem_keys")
+                    source = sa.select(ns.label("namespace"), keys.c.value.label("key"),
+                                       _const(_COMPLETED).label("state"),
+                                       now.label("created_at"), now.label("completed_at"),
+                                       (now + ttl).label("expires_at")
+                                       ).select_from(keys).where(sa.true())
+                ins = upsert(t).from_select(
+                    ["namespace", "key", "state", "created_at", "completed_at", "expires_at"],
+                    source)
+                return ins.on_conflict_do_update(
+                    index_elements=[t.c.namespace, t.c.key],
+                    set_={c: ins.excluded[c] for c in COLUMNS[2:]},
+                    where=t.c.expires_at <= ins.excluded.created_at,
+                ).returning(t.c.key)
+
+            self.many = many(now)
+            if pg:
+                inserted = many(lock_now).cte("idem_ins")
+                # the aggregate reads every inserted key before the outer SELECT restores
+                # the caller's lock_timeout
+                fresh = sa.select(sa.func.array_agg(inserted.c.key).label("fresh")).subquery(
+                    "idem_fresh")
+                self.many_join = sa.select(fresh.c.fresh, restore)
+
+        # -- lease mode ------------------------------------------------------------------
+        claimable_now = (t.c.expires_at <= now) | (
+            (t.c.state == _const(_IN_PROGRESS)) & (t.c.lease_until <= now))
+        lease_row = new_row(now, _IN_PROGRESS, token=tok, lease_until=now + lease)
+        taken = {c: v for c, v in lease_row.items() if c not in ("namespace", "key")}
+        self.claim_lease: Any = None
+        if pg:
+            # CLAIMABLE in one statement that writes only a new key or a claimable record:
+            # a duplicate (a live lease, a completed record) is read, never locked, and
+            # takes no transaction id. The UPDATE takes over only the version it read
+            # (same token and state), so ``taken_over`` describes the record replaced;
+            # a concurrent claim that changed it first leaves no row here (look again).
+            cur = sa.select(*cols).where(where_key).cte("idem_cur")
+            ins = upsert(t) if upsert is not None else sa.insert(t)
+            ins = insert_row(ins, lease_row, ~sa.exists(sa.select(1).select_from(cur)))
+            ins = ins.on_conflict_do_nothing(index_elements=[t.c.namespace, t.c.key])
+            ins = ins.returning(t.c.lease_until).cte("idem_ins")
+            upd = (
+                sa.update(t)
+                .where(where_key & t.c.token.is_not_distinct_from(cur.c.token)
+                       & (t.c.state == cur.c.state) & claimable_now)
+                .values(taken)
+                .returning(t.c.lease_until, (
+                    (cur.c.state == _const(_IN_PROGRESS)) & (cur.c.expires_at > now)
+                    & cur.c.token.is_distinct_from(tok)).label("taken_over"))
+                .cte("idem_upd")
             )
+            assert now_cte is not None
+            self.claim_lease = sa.select(
+                now_cte.c.t,
+                sa.select(ins.c.lease_until).scalar_subquery(),
+                sa.select(upd.c.lease_until).scalar_subquery(),
+                sa.select(upd.c.taken_over).scalar_subquery(),
+                *cur.c,
+            ).select_from(now_cte.outerjoin(cur, sa.true()))
+        # SQLite and generic SQL (one writer at a time, local clock): read first; write
+        # only a new key (CLAIMABLE: absent) ...
+        new_lease = insert_row(upsert(t) if upsert is not None else sa.insert(t), lease_row)
+        self.insert_lease = (new_lease.on_conflict_do_nothing().returning(t.c.key)
+                             if upsert is not None else new_lease)
+        # ... or take over the claimable record read, only if it is still that version
+        self.takeover = (
+            sa.update(t)
+            .where(where_key & t.c.token.is_not_distinct_from(_P("seen_tok", type_=sa.String))
+                   & (t.c.state == _P("seen_st", type_=sa.String)) & claimable_now)
+            .values(taken)
         )
-        in_progress = owned & (t.c.state == State.IN_PROGRESS.value)
+        owned = where_key & (t.c.token == tok)
+        # FENCED: only while the token owns the key; STORE TIME: completed and expiring on
+        # the statement's now
+        self.complete = sa.update(t).where(owned).values(
+            state=_P("st", type_=sa.String), result=res, lease_until=sa.null(),
+            completed_at=sa.func.coalesce(t.c.completed_at, now), expires_at=now + ttl,
+        )
+        in_progress = owned & (t.c.state == _const(_IN_PROGRESS))
+        # FENCED: only an in-progress record the token owns
         self.release = sa.delete(t).where(in_progress)
-        self.renew = sa.update(t).where(in_progress).values(lease_until=_P("lu"))
+        # FENCED; STORE TIME: the new deadline is the statement's now + lease
+        renew = sa.update(t).where(in_progress).values(lease_until=now + lease)
+        self.renew = renew.returning(t.c.lease_until) if pg else renew
 
 
 def _to_record(row: Any) -> Record:
@@ -136,10 +307,13 @@ class SqlStore(Store):
     ``bind`` is a URL (``"sqlite:///idem.db"``, ``"postgresql+psycopg://…"``), an
     `Engine`, or an `AsyncEngine` (for ``async def`` handlers). ``lock_timeout`` bounds
     how long a delivery waits for a concurrent delivery of the same key (PostgreSQL
-    ``lock_timeout``; SQLite's busy timeout for engines made from a URL), after which it
-    raises `AlreadyInProgress`. ``fast_path=False`` turns off the PostgreSQL fast path
-    (prepared statements sent straight to libpq), for connection poolers such as PgBouncer
-    in transaction mode, which do not keep prepared statements between transactions.
+    ``lock_timeout``, also in a caller's own transaction, for the claim alone; SQLite's
+    busy timeout for engines made from a URL), after which it raises `AlreadyInProgress`.
+    ``fast_path=False`` turns off the fast paths (PostgreSQL: prepared statements sent
+    straight to libpq, for connection poolers such as PgBouncer in transaction mode, which
+    do not keep prepared statements between transactions; SQLite: the optimistic path's
+    statements on the ``sqlite3`` connection). ``clock`` is for tests only: without it,
+    time is the database's on PostgreSQL and the local clock on SQLite (rule STORE TIME).
     """
 
     transactional = True
@@ -165,14 +339,16 @@ class SqlStore(Store):
             self.async_engine = bind
             self.engine = bind.sync_engine
         self.lock_timeout = lock_timeout
+        self._lock_ms = None if lock_timeout is None else str(max(1, int(lock_timeout * 1000)))
         self.metadata = _sql_schema.new_metadata(schema)
         self.table = _sql_schema.records_table(self.metadata, table)
         self.dialect = self.engine.dialect.name
         self._st = _Statements(self.table, self.dialect)
+        self._db_time = self._st.pg  # STORE TIME: the database's clock (else the local one)
         self._autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
         # SQLite is in-process: a bare transaction takes ~50 µs, so SQLAlchemy's ~25 µs per
         # statement is most of what the store adds; the optimistic path's two statements go
-        # to the sqlite3 connection directly (same transaction, same SQL)
+        # to the sqlite3 connection directly: the same Core statements, compiled (qmark)
         self._fast_sqlite = (
             fast_path
             and self.dialect == "sqlite"
@@ -180,13 +356,8 @@ class SqlStore(Store):
             and self.async_engine is None
         )
         if self._fast_sqlite:
-            t = self.table.fullname
-            cols = ", ".join(_sql_schema.COLUMNS)
-            self._sqlite_read = f"SELECT {cols} FROM {t} WHERE namespace = ? AND key = ?"
-            self._sqlite_done = (
-                f"INSERT INTO {t} (namespace, key, state, fingerprint, result, created_at, "
-                "completed_at, expires_at) VALUES (?, ?, 'completed', ?, ?, ?, ?, ?)"
-            )
+            self._sqlite_read = _qmark(self._st.read, self.engine.dialect)
+            self._sqlite_done = _qmark(self._st.insert_done, self.engine.dialect)
         self._fast_pg = (
             fast_path
             and self.dialect == "postgresql"
@@ -194,8 +365,10 @@ class SqlStore(Store):
             and self.async_engine is None
         )
         if self._fast_pg:
-            self._pg = PgFastPath(self.table, self.engine.dialect, lock_timeout)
-        self._many = self._many_statement()
+            st = self._st
+            self._pg = PgFastPath(read=st.read, claim=st.claim_tx, done=st.insert_done,
+                                  store_result=st.store_result,
+                                  delete_expired=st.delete_expired, lock_timeout=lock_timeout)
 
     @staticmethod
     def _make_engine(
@@ -245,6 +418,26 @@ class SqlStore(Store):
 
         return greenlet_spawn(fn, self.engine)
 
+    # -- time ------------------------------------------------------------------------------
+    def _now(self) -> float:
+        """STORE TIME: the database's clock on PostgreSQL (one round trip), the local
+        clock elsewhere."""
+        if not self._db_time:
+            return time.time()
+        with self._autocommit.connect() as conn:
+            return float(conn.execute(self._st.clock).scalar_one())
+
+    def _stmt_now(self, now: float | None = None) -> float | None:
+        """The ``:now`` bound to a statement: the injected test clock's time; otherwise
+        None on PostgreSQL (the statement reads the database's clock), the local clock
+        elsewhere (rule STORE TIME)."""
+        if now is not None:
+            return now
+        clock = self.clock
+        if clock is not None:
+            return clock()
+        return None if self._db_time else time.time()
+
     # -- lease mode: one autocommit statement each ------------------------------------
     def _claim(
         self,
@@ -256,18 +449,47 @@ class SqlStore(Store):
         lease: float,
         ttl: float,
     ) -> Outcome | None:
-        if now is None:
-            now = time.time()
-        lease_until, expires_at = now + lease, now + ttl
-        params = {
-            "ns": namespace, "k": key, "fp": fingerprint, "tok": token, "now": now,
-            "lu": lease_until, "exp": expires_at,
-        }
+        """Rule CLAIMABLE (see `Store._claim`); a duplicate writes nothing."""
+        params = {"ns": namespace, "k": key, "fp": fingerprint, "tok": token,
+                  "now": self._stmt_now(now), "lease": lease, "ttl": ttl}
         with self._autocommit.connect() as conn:
-            if self._insert(conn, self._st.claim_lease, params):
-                return Claimed(token=token, lease_until=lease_until)
-            record = self._select(conn, namespace, key)
-        return None if record is None else outcome_of(record, token, now)
+            if self._st.claim_lease is not None:
+                return self._claim_in_one(conn, params, token)
+            return self._claim_in_steps(conn, params, token)
+
+    def _claim_in_one(self, conn: Connection, params: dict[str, Any], token: str
+                      ) -> Outcome | None:
+        """PostgreSQL: one statement (`_Statements.claim_lease`), the database's now."""
+        row = conn.execute(self._st.claim_lease, params).one()
+        now, inserted, updated, taken_over = row[0], row[1], row[2], row[3]
+        if inserted is not None:
+            return Claimed(token, inserted)
+        if updated is not None:
+            return Claimed(token, updated, bool(taken_over))
+        if row[5] is None:  # absent when read, inserted by a concurrent claim: look again
+            return None
+        record = _to_record(row[4:])
+        if claimable(record, now):  # a concurrent claim changed it first: look again
+            return None
+        return outcome_of(record, token, now)
+
+    def _claim_in_steps(self, conn: Connection, params: dict[str, Any], token: str
+                        ) -> Outcome | None:
+        """SQLite and generic SQL: read, then write only a new key or a claimable
+        record (one writer at a time; the write re-checks what was read)."""
+        now = params["now"]
+        record = self._select(conn, params["ns"], params["k"])
+        if record is None:
+            if self._insert(conn, self._st.insert_lease, params):
+                return Claimed(token, now + params["lease"])
+            return None  # inserted by a concurrent claim meanwhile: look again
+        if not claimable(record, now):
+            return outcome_of(record, token, now)
+        seen = {**params, "seen_tok": record.token, "seen_st": record.state.value}
+        if conn.execute(self._st.takeover, seen).rowcount != 1:
+            return None  # changed by a concurrent claim meanwhile: look again
+        return Claimed(token, now + params["lease"],
+                       is_takeover(record, now) and record.token != token)
 
     def _complete(
         self,
@@ -279,17 +501,16 @@ class SqlStore(Store):
         now: float | None,
         ttl: float,
     ) -> bool:
-        if now is None:
-            now = time.time()
-        expires_at = now + ttl
+        """Rule FENCED; STORE TIME (`_Statements.complete`)."""
         params = {
             "ns": namespace, "k": key, "tok": token, "st": state.value,
-            "res": result, "now": now, "exp": expires_at,
+            "res": result, "now": self._stmt_now(now), "ttl": ttl,
         }
         with self._autocommit.connect() as conn:
             return conn.execute(self._st.complete, params).rowcount == 1
 
     def _release(self, namespace: str, key: str, token: str) -> bool:
+        """Rule FENCED (`_Statements.release`)."""
         with self._autocommit.connect() as conn:
             params = {"ns": namespace, "k": key, "tok": token}
             return conn.execute(self._st.release, params).rowcount == 1
@@ -297,10 +518,16 @@ class SqlStore(Store):
     def _renew(
         self, namespace: str, key: str, token: str, now: float | None, lease: float
     ) -> float | None:
-        lease_until = (time.time() if now is None else now) + lease
-        params = {"ns": namespace, "k": key, "tok": token, "lu": lease_until}
+        """Rule FENCED; STORE TIME: the deadline comes back from PostgreSQL."""
+        params: dict[str, Any] = {"ns": namespace, "k": key, "tok": token,
+                                  "now": self._stmt_now(now), "lease": lease}
         with self._autocommit.connect() as conn:
-            return lease_until if conn.execute(self._st.renew, params).rowcount == 1 else None
+            if self._db_time:
+                until = conn.execute(self._st.renew, params).scalar()
+                return None if until is None else float(until)
+            if conn.execute(self._st.renew, params).rowcount != 1:
+                return None
+            return float(params["now"]) + lease
 
     def _get(self, namespace: str, key: str) -> Record | None:
         with self._autocommit.connect() as conn:
@@ -309,6 +536,11 @@ class SqlStore(Store):
     def _select(self, conn: Connection, namespace: str, key: str) -> Record | None:
         row = conn.execute(self._st.select, {"ns": namespace, "k": key}).first()
         return None if row is None else _to_record(row)
+
+    def _read(self, conn: Connection, params: dict[str, Any]) -> tuple[Record | None, bool]:
+        """The record and whether it expired, on the store's clock (STORE TIME)."""
+        row = conn.execute(self._st.read, params).first()
+        return (None, False) if row is None else (_to_record(row), bool(row[10]))
 
     def _insert(self, conn: Connection, stmt: Any, params: dict[str, Any]) -> bool:
         """Run a claim insert; True if this call wrote the row."""
@@ -326,10 +558,11 @@ class SqlStore(Store):
     def _purge(
         self, now: float, older_than: float | None, namespace: str | None, batch: int
     ) -> int:
-        """One autocommit DELETE per batch. PostgreSQL: the batch is picked with
-        ``FOR UPDATE SKIP LOCKED``, so rows a worker (or another purge) holds are skipped,
-        and a row a worker took over meanwhile is checked again once locked; SQLite runs
-        one writer at a time, so each statement sees the rows as they are."""
+        """Rule PURGEABLE, one autocommit DELETE per batch; ``now`` is the store's (the
+        database's clock on PostgreSQL, read by `Store.purge`). PostgreSQL: the batch is
+        picked with ``FOR UPDATE SKIP LOCKED``, so rows a worker (or another purge) holds
+        are skipped, and a row a worker took over meanwhile is checked again once locked;
+        SQLite runs one writer at a time, so each statement sees the rows as they are."""
         t = self.table
         created_before = None if older_than is None else now - older_than
         doomed = t.c.expires_at <= _P("now")
@@ -366,7 +599,7 @@ class SqlStore(Store):
             .order_by(t.c.namespace, t.c.state)
         )
         oldest = (
-            sa.select(*[t.c[c] for c in _sql_schema.COLUMNS])
+            sa.select(*[t.c[c] for c in COLUMNS])
             .where(t.c.state == State.IN_PROGRESS.value)
             .order_by(t.c.created_at)
             .limit(1)
@@ -400,26 +633,27 @@ class SqlStore(Store):
         of it waits until this transaction ends. Optimistic: the key is only read now
         and written once, with the result, at commit; a concurrent delivery runs too, and
         the later of the two fails on the key at commit, rolls back and gets the winner's
-        record from ``tx.commit``.
+        record from ``tx.commit``. Whether a record expired is decided on the store's
+        clock (rule STORE TIME); ``ttl`` may be infinite.
         """
         conn = self.engine.connect()
         try:
             conn.begin()
-            now = self.now()
-            params = {"ns": namespace, "k": key, "fp": fingerprint, "now": now,
-                      "exp": now + ttl}
+            params = {"ns": namespace, "k": key, "fp": fingerprint, "now": self._stmt_now(),
+                      "ttl": ttl}
             if self._fast_pg:
-                existing = self._pg.begin(conn, params, optimistic)
+                existing, expired = self._pg.begin(conn, params, optimistic)
             elif optimistic and self._fast_sqlite:
+                sql, names = self._sqlite_read
                 row = conn.connection.driver_connection.execute(  # type: ignore[union-attr]
-                    self._sqlite_read, (namespace, key)).fetchone()
-                existing = None if row is None else _to_record(row)
+                    sql, tuple(params[n] for n in names)).fetchone()
+                existing, expired = (None, False) if row is None else (
+                    _to_record(row), bool(row[10]))
             elif optimistic:
-                existing = self._select(conn, namespace, key)
+                existing, expired = self._read(conn, params)
             else:
                 self._set_lock_timeout(conn)
-                existing = self._claim_in(conn, params)
-            expired = existing is not None and existing.expires_at <= now
+                existing, expired = self._claim_in(conn, params), False
             tx = Transaction(self, conn, namespace, key, None if expired else existing,
                              owner=True, params=params, optimistic=optimistic,
                              replaces_expired=expired)
@@ -430,35 +664,47 @@ class SqlStore(Store):
     def _set_lock_timeout(self, conn: Connection) -> None:
         """Bound the wait for a concurrent delivery's key (PostgreSQL; SQLite engines made
         from a URL have it as their busy timeout)."""
-        if self.dialect == "postgresql" and self.lock_timeout is not None:
-            ms = max(1, int(self.lock_timeout * 1000))
-            conn.exec_driver_sql(f"SET LOCAL lock_timeout = {ms}")
+        if self.dialect == "postgresql" and self._lock_ms is not None:
+            conn.exec_driver_sql(f"SET LOCAL lock_timeout = {self._lock_ms}")
 
     def join(
         self, session: Session | Connection, namespace: str, key: str,
         fingerprint: str | None, ttl: float = DEFAULT_TTL,
     ) -> Transaction:
-        """Claim ``key`` inside the caller's own transaction; never commits."""
+        """Claim ``key`` inside the caller's own transaction; never commits.
+
+        On PostgreSQL the claim waits at most ``lock_timeout`` for a concurrent
+        transaction holding the key (then `AlreadyInProgress`; the caller's transaction
+        is then aborted, as after any failed statement); the caller's own lock_timeout
+        is back in force once the claim returns."""
         conn = session.connection() if isinstance(session, Session) else session
-        now = self.now()
-        params = {"ns": namespace, "k": key, "fp": fingerprint, "now": now, "exp": now + ttl}
-        existing = self._claim_in(conn, params)
+        params = {"ns": namespace, "k": key, "fp": fingerprint, "now": self._stmt_now(),
+                  "ttl": ttl}
+        existing = self._claim_in(conn, params, joined=True)
         return Transaction(self, conn, namespace, key, existing, owner=False, session=session,
                            params=params)
 
-    def _claim_in(self, conn: Connection, params: dict[str, Any]) -> Record | None:
+    def _claim_in(self, conn: Connection, params: dict[str, Any], *, joined: bool = False
+                  ) -> Record | None:
+        """The transactional claim (rule CLAIMABLE, `_Statements.claim_tx`); the record
+        of an earlier delivery, or None when the key is now ours."""
+        claim: Any = self._st.claim_tx
+        read: Any = self._st.read
+        if joined and self._st.claim_join is not None and self._lock_ms is not None:
+            claim, read = self._st.claim_join, self._st.read_join
+            params = {**params, "lt": self._lock_ms}
         try:
-            if self._insert(conn, self._st.claim_tx, params):
+            if self._insert(conn, claim, params):
                 return None
+            row = conn.execute(read, params).first()
         except sa.exc.DBAPIError as exc:
             raise_if_lock_timeout(exc, params, self.lock_timeout)
             raise
-        record = self._select(conn, params["ns"], params["k"])
-        if record is None:
+        if row is None:
             raise sa.exc.InvalidRequestError(
                 "idempotency record vanished between claim and read (purged?)"
             )
-        return record
+        return _to_record(row)
 
     # -- the primitive: join the caller's transaction --------------------------------------
     @overload
@@ -483,7 +729,8 @@ class SqlStore(Store):
         its rollback forgets both. False means the key was processed before (do nothing).
         With ``fingerprint``, a key reused with another payload raises
         `IdempotencyKeyConflict`. A concurrent transaction holding the same key makes this
-        wait until it ends. With an async session or connection, await the result.
+        wait until it ends, on PostgreSQL at most ``lock_timeout`` (then
+        `AlreadyInProgress`). With an async session or connection, await the result.
         """
         sync, is_async = _sync_handle(session)
         if is_async:
@@ -496,8 +743,6 @@ class SqlStore(Store):
         self, session: Session | Connection, namespace: str, key: str,
         fingerprint: str | None, ttl: float,
     ) -> bool:
-        from .._rules import check_fingerprint
-
         tx = self.join(session, namespace, fit(key), fingerprint, ttl)
         if tx.existing is None:
             return True
@@ -521,7 +766,9 @@ class SqlStore(Store):
     ) -> set[str] | Awaitable[set[str]]:
         """Record a batch of keys in one statement; returns the keys not seen before.
 
-        Same transaction rules as `record`. Keys repeated inside the batch count once.
+        Same transaction rules as `record` (on PostgreSQL the statement waits at most
+        ``lock_timeout`` for keys concurrent transactions hold). Keys repeated inside the
+        batch count once.
         """
         sync, is_async = _sync_handle(session)
         if is_async:
@@ -537,41 +784,28 @@ class SqlStore(Store):
         if not stored:
             return set()
         conn = session.connection() if isinstance(session, Session) else session
-        now = self.now()
-        if self._many is not None:
-            batch: Any = list(stored)
-            if self.dialect == "sqlite":
-                import json
-
-                batch = json.dumps(batch)
-            fresh = conn.execute(self._many, {"ns": namespace, "keys": batch, "now": now,
-                                              "exp": now + ttl}).scalars().all()
-            return {stored[k] for k in fresh}
-        new = set()
-        for k, original in stored.items():
-            params = {"ns": namespace, "k": k, "fp": None, "now": now, "exp": now + ttl}
-            if self._insert(conn, self._st.claim_tx, params):
-                new.add(original)
-        return new
-
-    def _many_statement(self) -> sa.TextClause | None:
-        """One statement that records a batch of keys and returns the new ones."""
-        t, name = self.table.fullname, self.table.name
-        if self.dialect == "postgresql":
-            source, excluded = "SELECT :ns, k, 'completed', :now, :now, :exp " \
-                "FROM unnest(CAST(:keys AS text[])) AS k", "EXCLUDED"
-        elif self.dialect == "sqlite":  # WHERE true: SQLite's parser needs it before ON
-            source, excluded = "SELECT :ns, value, 'completed', :now, :now, :exp " \
-                "FROM json_each(:keys) WHERE true", "excluded"
-        else:
-            return None
-        return sa.text(
-            f"INSERT INTO {t} (namespace, key, state, created_at, completed_at, expires_at) "
-            f"{source} ON CONFLICT (namespace, key) DO UPDATE SET state = 'completed', "
-            "fingerprint = NULL, result = NULL, token = NULL, lease_until = NULL, "
-            f"created_at = {excluded}.created_at, completed_at = {excluded}.completed_at, "
-            f"expires_at = {excluded}.expires_at WHERE {name}.expires_at <= :now RETURNING key"
-        )
+        now = self._stmt_now()
+        st = self._st
+        if st.many is None:  # generic SQL: one claim per key
+            new = set()
+            for k, original in stored.items():
+                params = {"ns": namespace, "k": k, "fp": None, "now": now, "ttl": ttl}
+                if self._insert(conn, st.claim_tx, params):
+                    new.add(original)
+            return new
+        batch: Any = list(stored)
+        params = {"ns": namespace, "keys": json.dumps(batch) if self.dialect == "sqlite"
+                  else batch, "now": now, "ttl": ttl}
+        try:
+            if st.many_join is not None and self._lock_ms is not None:
+                fresh = conn.execute(st.many_join, {**params, "lt": self._lock_ms}
+                                     ).one()[0] or []
+            else:
+                fresh = conn.execute(st.many, params).scalars().all()
+        except sa.exc.DBAPIError as exc:
+            raise_if_lock_timeout(exc, params, self.lock_timeout)
+            raise
+        return {stored[k] for k in fresh}
 
 
 class Transaction:
@@ -629,13 +863,13 @@ class Transaction:
             return store._pg.finish(conn, params, self._optimistic, self._replaces_expired)
         if self._optimistic:
             store._set_lock_timeout(conn)
-            if self._replaces_expired:
-                conn.execute(store._st.delete_expired, params)
             try:  # no savepoint: on failure the whole transaction goes anyway
+                if self._replaces_expired:
+                    conn.execute(store._st.delete_expired, params)
                 if self._owner and store._fast_sqlite:
+                    sql, names = store._sqlite_done
                     conn.connection.driver_connection.execute(  # type: ignore[union-attr]
-                        store._sqlite_done, (params["ns"], params["k"], params["fp"], result,
-                                             params["now"], params["now"], params["exp"]))
+                        sql, tuple(params[n] for n in names))
                 else:
                     conn.execute(store._st.insert_done, params)
             except sa.exc.OperationalError as exc:
@@ -654,6 +888,13 @@ class Transaction:
             assert tx is not None
             tx.commit()
         return None
+
+
+def _qmark(stmt: Any, dialect: sa.Dialect) -> tuple[str, tuple[str, ...]]:
+    """``stmt`` compiled for the sqlite3 driver: its SQL and its binds in ``?`` order."""
+    compiled = stmt.compile(dialect=dialect)
+    assert compiled.positiontup is not None
+    return str(compiled), tuple(compiled.positiontup)
 
 
 def _sync_handle(session: Any) -> tuple[Session | Connection, bool]:
