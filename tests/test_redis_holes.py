@@ -31,9 +31,11 @@ from idempotent import (
     InProgress,
     InvalidIdempotencyKey,
     ResultNotSerializable,
+    ResultNotStored,
     State,
     idempotent,
 )
+from idempotent._rules import not_stored
 from idempotent.retry import is_transient
 from idempotent.stores.redis import RedisStore
 
@@ -495,21 +497,45 @@ def test_a_blackholed_server_cannot_hang_a_claim(monkeypatch: pytest.MonkeyPatch
 def test_hole_result_too_big_raises_without_releasing_the_claim(redis_url: str) -> None:
     """In lease mode the handler's effect happened: a result over max_result_bytes raises
     ResultNotSerializable and leaves the claim as it was (still the token's), so no
-    redelivery runs the handler again; the caller can still complete with a marker."""
-    store = RedisStore(redis_url, max_result_bytes=1024)
-    assert store.max_result_bytes == 1024
+    redelivery runs the handler again; the caller then completes it with a "result not
+    stored" marker, which is stored even when it is itself over a tiny limit."""
+    store = RedisStore(redis_url, max_result_bytes=16)
+    assert store.max_result_bytes == 16
     got = store.claim("ns", "big", fingerprint=None)
     assert isinstance(got, Claimed)
     before = store.client.hgetall(store.key_name("ns", "big"))
-    with pytest.raises(ResultNotSerializable, match="1,025 bytes"):
-        store.complete("ns", "big", got.token, b"x" * 1025)
+    with pytest.raises(ResultNotSerializable, match="17 bytes"):
+        store.complete("ns", "big", got.token, b"x" * 17)
     after = store.client.hgetall(store.key_name("ns", "big"))
     print(f"record after an over-size complete: {after or None}")
     assert after == before
     assert isinstance(store.claim("ns", "big", fingerprint=None), InProgress)
-    store.complete("ns", "big", got.token, b"\x00idempotent:result-not-stored:too big")
+    marker = not_stored("the result is 17 bytes, over max_result_bytes=16")
+    assert len(marker) > 16
+    store.complete("ns", "big", got.token, marker)
     rec = store.get("ns", "big")
-    assert rec is not None and rec.state is State.COMPLETED
+    assert rec is not None and rec.state is State.COMPLETED and rec.result == marker
+    with pytest.raises(ResultNotSerializable):  # only a marker is let through
+        store.complete("ns", "big", got.token, marker + b"x" * 1024)
+    store.close()
+
+
+def test_a_too_big_result_through_the_decorator_runs_once(redis_url: str) -> None:
+    """@idempotent on a store whose max_result_bytes (64) the result exceeds: the handler
+    runs once, its caller gets the value, every duplicate gets ResultNotStored."""
+    store = RedisStore(redis_url, max_result_bytes=64)
+    runs: list[str] = []
+
+    @idempotent(store, key="id", lease=30)
+    def big(msg: dict[str, str]) -> str:
+        runs.append(msg["id"])
+        return "y" * 2000
+
+    assert big({"id": "m"}) == "y" * 2000
+    for _ in range(2):
+        with pytest.raises(ResultNotStored):
+            big({"id": "m"})
+    assert runs == ["m"]
     store.close()
 
 
