@@ -9,6 +9,7 @@ redis-py alike; the store must not care."""
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import logging
 import socket
@@ -254,11 +255,27 @@ def test_hole_5_an_evicting_redis_is_refused(evicting_redis: RedisServer) -> Non
         assert _config_calls(evicting_redis) == 1  # opted out: not even asked
         cache.close()
         admin.flushall()
+    admin.config_set("maxmemory-policy", "volatile-lru")
+    refused = asyncio.run(_async_claim(RedisStore(evicting_redis.url, use_asyncio=True)))
+    assert isinstance(refused, EvictionPolicyError), refused  # the asyncio client too
     admin.config_set("maxmemory-policy", "noeviction")
     store = RedisStore(evicting_redis.url)
     assert isinstance(store.claim("ns", "k", fingerprint=None), Claimed)
     store.close()
     admin.close()
+
+
+async def _async_claim(store: RedisStore) -> object:
+    """A claim through the greenlet bridge, as @idempotent makes it on async handlers:
+    the outcome, or the exception it raised."""
+    from sqlalchemy.util import greenlet_spawn
+
+    try:
+        return await greenlet_spawn(store.claim, "ns", "k", fingerprint=None)
+    except Exception as exc:
+        return exc
+    finally:
+        await store.aclose()
 
 
 def test_hole_5_policy_read_from_info_when_config_is_refused(
@@ -349,6 +366,19 @@ def test_wait_replicas_completes_with_wait_in_the_same_round_trip(
     assert on_replica.hget(store.key_name("ns", "k"), "r") == b"paid"
     on_replica.close()
     store.close()
+
+    async def complete_async() -> None:  # the asyncio client: the same pipeline
+        from sqlalchemy.util import greenlet_spawn
+
+        store = RedisStore(master.url, use_asyncio=True, wait_replicas=1)
+        got = await greenlet_spawn(store.claim, "ns", "ak", fingerprint=None)
+        await greenlet_spawn(store.complete, "ns", "ak", got.token, b"async")
+        await store.aclose()
+
+    asyncio.run(complete_async())
+    on_replica = redis.Redis.from_url(replica.url)
+    assert on_replica.hget(store.key_name("ns", "ak"), "r") == b"async"
+    on_replica.close()
 
     greedy = RedisStore(master.url, wait_replicas=2, wait_timeout_ms=50)
     got = greedy.claim("ns", "k2", fingerprint=None)
