@@ -353,7 +353,9 @@ class Lease:
             _CURRENT.reset(ctx)
 
     def abort(self, exc: BaseException) -> str:
-        """The handler raised: keep it as failed (``keep_failures``), else release."""
+        """The handler raised: keep it as failed (``keep_failures``), else release. Either
+        way the handler's own exception is what the caller gets: a store that cannot take
+        the failure or the release only delays a redelivery (the lease runs out)."""
         self._stop()
         flow, key = self.flow, self.key
         if isinstance(exc, flow.keep_failures):
@@ -362,14 +364,17 @@ class Lease:
                                 _rules.failure_result(exc), ttl=flow.ttl, state=State.FAILED)
             except LeaseLost:
                 flow.emit("lease_lost", key)
-                raise
-            return "failed"
+            except Exception:
+                _LOG.warning("idempotent: could not keep the failure of %s/%s; the key frees "
+                             "when its lease ends", flow.namespace, key, exc_info=True)
+            else:
+                return "failed"
+            return "released"
         try:
             flow.store_call(key, flow.store.release, flow.namespace, key, self.token)
         except Exception:  # the lease running out frees the key as well, later
-            _heartbeat.log.warning(
-                "idempotent: could not release %s/%s; it frees when its lease ends",
-                flow.namespace, key, exc_info=True)
+            _LOG.warning("idempotent: could not release %s/%s; it frees when its lease ends",
+                         flow.namespace, key, exc_info=True)
         return "released"
 
     def finish(self, value: Any) -> None:

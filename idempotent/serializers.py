@@ -41,7 +41,7 @@ def encode_result(serializer: Serializer, value: Any, *, namespace: str, key: st
     """``serializer.dumps(value)``, with its failure turned into `ResultNotSerializable`."""
     try:
         return serializer.dumps(value)
-    except (TypeError, ValueError, OverflowError) as exc:
+    except (TypeError, ValueError, OverflowError, RecursionError) as exc:  # too deep too
         raise ResultNotSerializable(
             f"the result of {namespace!r} for key {key!r} cannot be stored "
             f"({type(value).__qualname__}): {exc}; nothing was recorded",

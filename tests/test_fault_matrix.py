@@ -494,19 +494,6 @@ def tx_cases(store: str, mode: str) -> Iterator[Case]:
 
 #: Cells that fail because of a library bug, by id: the bug in one line.
 KNOWN_BUGS: dict[str, str] = {
-    **{f"{s}-lease-result-unstorable-deep": (
-        "a result too deep for JSON raises RecursionError, which encode_result does not "
-        "turn into ResultNotSerializable: Lease.finish neither completes nor releases, the "
-        "key stays in progress and the handler runs again once the lease ends")
-       for s in ("memory", "sqlite", "postgres", "redis")},
-    **{f"{s}-{m}-result-unstorable-deep": (
-        "a result too deep for JSON surfaces as RecursionError, not ResultNotSerializable "
-        "(encode_result catches only TypeError/ValueError/OverflowError); nothing recorded")
-       for s in ("sqlite", "postgres") for m in ("own", "own-pess", "caller")},
-    **{f"{s}-lease-at_keep-{k}-before-x3": (
-        "keeping a failure while the store is down raises StoreUnavailable instead of the "
-        "handler's own exception (Lease.abort's keep branch, unlike its release branch)")
-       for s in ("sqlite", "postgres", "redis") for k in TRANSIENT},
     **{f"postgres-{m}-before_claim-pool-killed": (
         "PostgreSQL fast path: a dropped connection invalidates only itself (_pg_fast._exec), "
         "not the pool, so each retry draws another dead pooled connection")
