@@ -97,8 +97,9 @@ class Store:
         lets a retried claim whose reply was lost find its own record: a claim with the
         token that holds the key is `Claimed` again.
         """
-        check_text("namespace", namespace)
-        check_text("key", key)
+        if "\x00" in key or not key.isascii() or "\x00" in namespace or not namespace.isascii():
+            check_text("namespace", namespace)  # the slow path: say which is wrong
+            check_text("key", key)
         clock = self.clock
         if token is None:
             token = _urandom(16).hex()  # new_token(), inline: a frame less per claim
