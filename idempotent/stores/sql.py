@@ -45,7 +45,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
-from .._keys import fit
+from .._keys import check_text, fit
 from .._record import Claimed, Outcome, Record, State, StateCount, StoreStats
 from .._rules import check_fingerprint, claimable, is_takeover, outcome_of
 from . import _sql_schema
@@ -118,6 +118,7 @@ class _Statements:
         now_bind = _P("now", type_=sa.Double)
         cols = [t.c[c] for c in COLUMNS]
         where_key = (t.c.namespace == ns) & (t.c.key == k)
+        # a plain read of the record (`Store.get`; the record a duplicate replays: REPLAY)
         self.select = sa.select(*cols).where(where_key)
 
         # STORE TIME: the statement's one "now"
@@ -126,6 +127,7 @@ class _Statements:
         # (SELECT t FROM idem_now): the CTE is volatile, so PostgreSQL runs it once per
         # statement and every reference reads that one row
         now: Any = now_bind if now_cte is None else sa.select(now_cte.c.t).scalar_subquery()
+        # STORE TIME: the database's clock on its own (`SqlStore.now`, purge, stats)
         self.clock = sa.select(_pg_clock())
 
         def new_row(now: Any, state: str, **over: Any) -> dict[str, Any]:
@@ -168,6 +170,8 @@ class _Statements:
         # optimistic mode writes the record once, after the handler, with its result
         # (STORE TIME: created and completed at the statement's now)
         self.insert_done = insert_row(sa.insert(t), new_row(now, _COMPLETED, result=res))
+        # the result into the row this transaction claimed; its uncommitted row lock
+        # keeps every other writer out until COMMIT (FENCED by the transaction, no token)
         self.store_result = sa.update(t).where(where_key).values(result=res)
 
         # -- caller-owned transactions (join, record_many) on PostgreSQL: the claim alone
@@ -243,9 +247,9 @@ class _Statements:
             # takes no transaction id. The UPDATE takes over only the version it read
             # (same token and state), so ``taken_over`` describes the record replaced;
             # a concurrent claim that changed it first leaves no row here (look again).
+            assert upsert is not None and now_cte is not None
             cur = sa.select(*cols).where(where_key).cte("idem_cur")
-            ins = upsert(t) if upsert is not None else sa.insert(t)
-            ins = insert_row(ins, lease_row, ~sa.exists(sa.select(1).select_from(cur)))
+            ins = insert_row(upsert(t), lease_row, ~sa.exists(sa.select(1).select_from(cur)))
             ins = ins.on_conflict_do_nothing(index_elements=[t.c.namespace, t.c.key])
             ins = ins.returning(t.c.lease_until).cte("idem_ins")
             upd = (
@@ -258,7 +262,6 @@ class _Statements:
                     & cur.c.token.is_distinct_from(tok)).label("taken_over"))
                 .cte("idem_upd")
             )
-            assert now_cte is not None
             self.claim_lease = sa.select(
                 now_cte.c.t,
                 sa.select(ins.c.lease_until).scalar_subquery(),
@@ -591,6 +594,8 @@ class SqlStore(Store):
                     return total
 
     def _stats(self, now: float, namespace: str | None) -> StoreStats:
+        """Counts per namespace and state; ``expired``: past ``expires_at`` at the store's
+        ``now`` (STORE TIME, read by `Store.stats`)."""
         t = self.table
         expired = sa.func.sum(sa.case((t.c.expires_at <= _P("now"), 1), else_=0))
         counts = (
@@ -728,9 +733,11 @@ class SqlStore(Store):
         Never commits: the caller's commit makes the key and its writes durable together,
         its rollback forgets both. False means the key was processed before (do nothing).
         With ``fingerprint``, a key reused with another payload raises
-        `IdempotencyKeyConflict`. A concurrent transaction holding the same key makes this
-        wait until it ends, on PostgreSQL at most ``lock_timeout`` (then
-        `AlreadyInProgress`). With an async session or connection, await the result.
+        `IdempotencyKeyConflict`; a key or namespace no store can hold exactly (a NUL, a
+        lone surrogate) raises `InvalidIdempotencyKey` before anything is written. A
+        concurrent transaction holding the same key makes this wait until it ends, on
+        PostgreSQL at most ``lock_timeout`` (then `AlreadyInProgress`). With an async
+        session or connection, await the result.
         """
         sync, is_async = _sync_handle(session)
         if is_async:
@@ -743,6 +750,8 @@ class SqlStore(Store):
         self, session: Session | Connection, namespace: str, key: str,
         fingerprint: str | None, ttl: float,
     ) -> bool:
+        check_text("namespace", namespace)
+        check_text("key", key)
         tx = self.join(session, namespace, fit(key), fingerprint, ttl)
         if tx.existing is None:
             return True
@@ -780,7 +789,11 @@ class SqlStore(Store):
     def _record_many(
         self, session: Session | Connection, namespace: str, keys: Iterable[str], ttl: float
     ) -> set[str]:
-        stored = {fit(k): k for k in keys}
+        check_text("namespace", namespace)
+        stored = {}
+        for k in keys:  # every key checked before anything is written
+            check_text("key", k)
+            stored[fit(k)] = k
         if not stored:
             return set()
         conn = session.connection() if isinstance(session, Session) else session
