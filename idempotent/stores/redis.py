@@ -677,18 +677,22 @@ class RedisStore(Store):
         stored" marker (`idempotent._rules.not_stored`, at most about 530 bytes) is
         stored whatever the limit (up to 1 KiB): it is what completes such a key."""
         name = self.key_name(namespace, key)
-        args: tuple[Any, ...] = (token, _CODES[state], "" if now is None else now, ttl,
-                                 _keep_ms(ttl))
         if result is not None:
             size = len(result)
             if size > self.max_result_bytes and not (
                     size <= _MARKER_MAX and result.startswith(NOT_STORED_PREFIX)):
                 raise self._too_big(namespace, key, size)
-            args = (*args, result)
         if self.wait_replicas:
-            done = self._eval_and_wait(namespace, key, name, _COMPLETE, args)
-        else:
-            done = self._eval(_COMPLETE, 1, name, *args)
+            args: tuple[Any, ...] = (token, _CODES[state], "" if now is None else now, ttl,
+                                     _keep_ms(ttl))
+            done = self._eval_and_wait(namespace, key, name, _COMPLETE,
+                                       args if result is None else (*args, result))
+        elif result is None:
+            done = self._eval(_COMPLETE, 1, name, token, _CODES[state],
+                              "" if now is None else now, ttl, _keep_ms(ttl))
+        else:  # the common case: one call, no tuple built on the way
+            done = self._eval(_COMPLETE, 1, name, token, _CODES[state],
+                              "" if now is None else now, ttl, _keep_ms(ttl), result)
         return done == 1 or self._owned(namespace, key, done)
 
     def _too_big(self, namespace: str, key: str, size: int) -> ResultNotSerializable:
