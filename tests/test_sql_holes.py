@@ -340,16 +340,20 @@ def test_a_takeover_on_the_databases_clock(
     assert before + 30 <= second.lease_until <= after + 30
 
 
-def test_concurrent_takeovers_of_one_lease_have_one_winner(
-    sql_url: str, stores: list[SqlStore]
+@pytest.mark.parametrize("race", ["new-key", "takeover"])
+def test_concurrent_claims_of_one_key_have_one_winner(
+    sql_url: str, stores: list[SqlStore], race: str
 ) -> None:
+    """Four threads (four connections) claim one key at once, ten times: a new key, or
+    a lease that ran out. Exactly one gets it; the others see its live lease."""
     clock = Clock()
     store = _store(stores, sql_url, clock=clock)
     store.create_schema()
     for round_ in range(10):
         key = f"k{round_}"
-        assert isinstance(store.claim("ns", key, fingerprint=None, lease=10), Claimed)
-        clock.now += 11
+        if race == "takeover":
+            assert isinstance(store.claim("ns", key, fingerprint=None, lease=10), Claimed)
+            clock.now += 11
         barrier = threading.Barrier(4)
         got: list[Any] = []
 
@@ -366,6 +370,7 @@ def test_concurrent_takeovers_of_one_lease_have_one_winner(
         assert len(got) == 4
         winners = [g for g in got if isinstance(g, Claimed)]
         assert len(winners) == 1, got
+        assert winners[0].taken_over is (race == "takeover")
         assert all(isinstance(g, InProgress) and g.record.token == winners[0].token
                    for g in got if g is not winners[0])
 

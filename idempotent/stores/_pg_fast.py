@@ -15,6 +15,7 @@ spliced in raw.
 from __future__ import annotations
 
 import hashlib
+import operator
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -50,6 +51,10 @@ class Compiled:
         names = compiled.positiontup
         assert names is not None, "compiled without positional placeholders"
         self.names = tuple(names)
+        # the params in placeholder order, as a tuple (itemgetter of one name is no tuple)
+        self._pick: Callable[[Mapping[str, Any]], Any] = (
+            operator.itemgetter(*self.names) if len(self.names) > 1
+            else lambda params: tuple(params[n] for n in self.names))
         types = dialect.type_compiler_instance
         self.types = tuple(types.process(compiled.binds[n].type) for n in self.names)
         parts = _PLACEHOLDER.split(self.sql)
@@ -58,7 +63,7 @@ class Compiled:
 
     def args(self, lit: Literal, params: Mapping[str, Any]) -> list[bytes]:
         """The literals of ``params``, in placeholder order."""
-        return [lit(params[n]) for n in self.names]
+        return list(map(lit, self._pick(params)))
 
     def inline(self, args: list[bytes]) -> bytes:
         """The statement with ``args`` (from `args`) in place of its placeholders."""

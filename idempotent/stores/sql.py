@@ -35,6 +35,7 @@ lease claim reads first and writes only a new key or a claimable record.
 from __future__ import annotations
 
 import json
+import operator
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -649,9 +650,9 @@ class SqlStore(Store):
             if self._fast_pg:
                 existing, expired = self._pg.begin(conn, params, optimistic)
             elif optimistic and self._fast_sqlite:
-                sql, names = self._sqlite_read
+                sql, args = self._sqlite_read
                 row = conn.connection.driver_connection.execute(  # type: ignore[union-attr]
-                    sql, tuple(params[n] for n in names)).fetchone()
+                    sql, args(params)).fetchone()
                 existing, expired = (None, False) if row is None else (
                     _to_record(row), bool(row[10]))
             elif optimistic:
@@ -880,9 +881,9 @@ class Transaction:
                 if self._replaces_expired:
                     conn.execute(store._st.delete_expired, params)
                 if self._owner and store._fast_sqlite:
-                    sql, names = store._sqlite_done
+                    sql, args = store._sqlite_done
                     conn.connection.driver_connection.execute(  # type: ignore[union-attr]
-                        sql, tuple(params[n] for n in names))
+                        sql, args(params))
                 else:
                     conn.execute(store._st.insert_done, params)
             except sa.exc.OperationalError as exc:
@@ -903,11 +904,13 @@ class Transaction:
         return None
 
 
-def _qmark(stmt: Any, dialect: sa.Dialect) -> tuple[str, tuple[str, ...]]:
-    """``stmt`` compiled for the sqlite3 driver: its SQL and its binds in ``?`` order."""
+def _qmark(stmt: Any, dialect: sa.Dialect) -> tuple[str, Callable[[dict[str, Any]], Any]]:
+    """``stmt`` compiled for the sqlite3 driver: its SQL, and a function picking its
+    arguments out of the params in ``?`` order (a tuple)."""
     compiled = stmt.compile(dialect=dialect)
-    assert compiled.positiontup is not None
-    return str(compiled), tuple(compiled.positiontup)
+    names = compiled.positiontup
+    assert names is not None and len(names) > 1
+    return str(compiled), operator.itemgetter(*names)
 
 
 def _sync_handle(session: Any) -> tuple[Session | Connection, bool]:
