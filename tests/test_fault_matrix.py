@@ -493,12 +493,7 @@ def tx_cases(store: str, mode: str) -> Iterator[Case]:
 
 
 #: Cells that fail because of a library bug, by id: the bug in one line.
-KNOWN_BUGS: dict[str, str] = {
-    **{f"postgres-{m}-before_claim-pool-killed": (
-        "PostgreSQL fast path: a dropped connection invalidates only itself (_pg_fast._exec), "
-        "not the pool, so each retry draws another dead pooled connection")
-       for m in ("own", "own-pess")},
-}
+KNOWN_BUGS: dict[str, str] = {}  # none open: each bug found here was fixed
 
 
 def all_cases() -> list[Any]:

@@ -306,6 +306,14 @@ def _exec(conn: Connection, query: bytes) -> Any:
     if res.status in (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK):
         return res
     if raw.pgconn.status != pq.ConnStatus.OK:
+        lost = psycopg.OperationalError("the connection to PostgreSQL was lost")
+        # As SQLAlchemy does on a disconnect: the server restarted (or dropped us), so
+        # every connection pooled before now is suspect. Invalidating the pool makes
+        # them reconnect on checkout; invalidating only this one would let each retry
+        # draw another dead connection.
+        invalidate_pool = getattr(conn.engine.pool, "_invalidate", None)
+        if invalidate_pool is not None:
+            invalidate_pool(conn.connection, lost)
         conn.invalidate()  # a dead connection must not go back to the pool
-        raise psycopg.OperationalError("the connection to PostgreSQL was lost")
+        raise lost
     raise psycopg.errors.error_from_result(res, encoding=raw.info.encoding)
