@@ -302,7 +302,7 @@ def main() -> None:
                         help="also print a cProfile of the PostgreSQL first-time path")
         ap.add_argument("--variants", default=None,
                         help="comma-separated subset of variants to run (default: all); "
-                             f"names: {', '.join(VARIANT_NAMES)}")
+                             f"names: {', '.join(VARIANT_NAMES)}".replace('%', '%%'))
         ap.add_argument("--no-psycopg-prepare", action="store_true",
                         help="diagnostic: create the PostgreSQL engine (used by every variant) "
                              "with psycopg prepare_threshold=None; psycopg then prepares "

@@ -66,6 +66,8 @@ def iso(t: float | None) -> str | None:
     """Epoch seconds as ISO 8601 UTC, milliseconds: ``2026-11-25T03:50:01.123Z``."""
     if t is None:
         return None
+    if t == float("inf"):  # ttl=inf: remembered for ever
+        return "never"
     stamp = datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="milliseconds")
     return stamp.replace("+00:00", "Z")
 
