@@ -97,7 +97,8 @@ class Store:
         lets a retried claim whose reply was lost find its own record: a claim with the
         token that holds the key is `Claimed` again.
         """
-        if "\x00" in key or not key.isascii() or "\x00" in namespace or not namespace.isascii():
+        if (type(key) is not str or type(namespace) is not str or "\x00" in key
+                or not key.isascii() or "\x00" in namespace or not namespace.isascii()):
             check_text("namespace", namespace)  # the slow path: say which is wrong
             check_text("key", key)
         clock = self.clock
