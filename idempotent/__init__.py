@@ -13,6 +13,7 @@ from ._record import Claimed, Completed, InProgress, Record, State, StateCount, 
 from .events import Event, add_listener, listening, remove_listener
 from .exceptions import (
     AlreadyInProgress,
+    EvictionPolicyError,
     IdempotencyError,
     IdempotencyKeyConflict,
     IncompatibleRecord,
@@ -49,6 +50,7 @@ __all__ = [
     "Claimed",
     "Completed",
     "Event",
+    "EvictionPolicyError",
     "IdempotencyError",
     "IdempotencyKeyConflict",
     "InProgress",

@@ -101,6 +101,22 @@ class IncompatibleRecord(IdempotencyError):
     of another format version, or a value that is not a record. It is left untouched."""
 
 
+class EvictionPolicyError(IdempotencyError):
+    """The Redis server may evict records: its ``maxmemory-policy`` is not ``noeviction``.
+
+    Under memory pressure such a server deletes keys before their time, a completed key
+    among them, and the redelivery of its message then runs the handler (charges) again.
+    Raised by every operation of the store, before anything is written; ``policy`` names
+    the setting found. Set ``maxmemory-policy noeviction`` or, for a cache where a re-run
+    is acceptable, make the store with ``allow_eviction=True``.
+    """
+
+    def __init__(self, message: str, *, namespace: str | None = None, key: str | None = None,
+                 policy: str | None = None):
+        super().__init__(message, namespace=namespace, key=key)
+        self.policy = policy
+
+
 class LeaseLost(IdempotencyError):
     """This worker's lease was taken over (it expired); its result was not stored.
 

@@ -599,3 +599,25 @@ def test_hole_keys_every_operation_refuses_what_claim_refuses(redis_url: str,
         pytest.fail(f"operation {i} accepted {bad!r}")
     assert store.client.dbsize() == 0
     store.close()
+
+
+def test_an_infinite_ttl_is_remembered_for_ever(redis_url: str) -> None:
+    """ttl=inf (the decorator accepts it): the key completes, has no native expiry worth
+    the name (100 years), and its duplicate replays (was: OverflowError in the expiry)."""
+    import redis as redis_py
+
+    from idempotent import idempotent
+
+    store = RedisStore(redis_url)
+    runs: list[int] = []
+
+    @idempotent(store, key="id", namespace="forever", ttl=float("inf"))
+    def charge(msg: dict[str, Any]) -> int:
+        runs.append(1)
+        return 7
+
+    assert charge({"id": "k"}) == 7 and charge({"id": "k"}) == 7
+    assert runs == [1]
+    with redis_py.Redis.from_url(redis_url) as client:
+        assert client.pttl(store.key_name("forever", "k")) > 50 * 365 * 86400 * 1000
+    store.close()

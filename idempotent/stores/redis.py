@@ -50,7 +50,7 @@ from .._record import (
     StoreStats,
 )
 from .._rules import NOT_STORED_PREFIX
-from ..exceptions import IdempotencyError, IncompatibleRecord, ResultNotSerializable
+from ..exceptions import EvictionPolicyError, IncompatibleRecord, ResultNotSerializable
 from . import _redis_scripts as lua
 from .base import DEFAULT_LEASE, DEFAULT_TTL, Store, new_token
 
@@ -86,22 +86,6 @@ DEFAULT_MAX_RESULT_BYTES = 16 * 1024 * 1024
 #: ``socket_connect_timeout`` and ``socket_timeout`` (seconds) of a client made from a URL,
 #: unless its options give their own: a blackholed connection cannot hang a call forever.
 DEFAULT_SOCKET_TIMEOUT = 5.0
-
-
-class EvictionPolicyError(IdempotencyError):
-    """The Redis server may evict records: its ``maxmemory-policy`` is not ``noeviction``.
-
-    Under memory pressure such a server deletes keys before their time, a completed key
-    among them, and the redelivery of its message then runs the handler (charges) again.
-    Raised by every operation of the store, before anything is written; ``policy`` names
-    the setting found. Set ``maxmemory-policy noeviction`` or, for a cache where a re-run
-    is acceptable, make the store with ``allow_eviction=True``.
-    """
-
-    def __init__(self, message: str, *, namespace: str | None = None, key: str | None = None,
-                 policy: str | None = None):
-        super().__init__(message, namespace=namespace, key=key)
-        self.policy = policy
 
 
 class ReplicaAckTimeout(redis.exceptions.TimeoutError, TimeoutError):
@@ -159,6 +143,8 @@ _MAX_MS = 100 * 365 * 86400 * 1000
 def _ms(seconds: float) -> int:
     """A native expiry (milliseconds, relative) for a deadline ``seconds`` away, within
     what ``PEXPIRE`` takes (a deadline in the past still keeps the record 1 ms)."""
+    if seconds >= _MAX_MS / 1000:  # also an infinite ttl: remembered for ever
+        return _MAX_MS
     return min(max(int(seconds * 1000) + _GRACE_MS, 1), _MAX_MS)
 
 
