@@ -51,6 +51,7 @@ import hashlib
 import importlib
 import itertools
 import statistics
+import time
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -134,8 +135,162 @@ class _Encoder:
     decode_responses = False
 
 
+def _enc(value: Any) -> bytes:
+    """An argument as Redis receives it (redis-py's encoder: repr of a float)."""
+    if type(value) is bytes:
+        return value
+    return (repr(value) if type(value) is float else str(value)).encode()
+
+
+def _time() -> tuple[float, bytes]:
+    """Redis' ``TIME`` as the scripts read it (``<seconds>.<6-digit µs>``): number, text."""
+    text = b"%d.%06d" % divmod(time.time_ns() // 1000, 1_000_000)
+    return float(text), text
+
+
+def _clock(arg: Any) -> tuple[float, bytes]:
+    """The scripts' ``clock(ARGV[i])``: the caller's ``now``, or ``TIME`` for ``""``."""
+    if arg == "":
+        return _time()
+    text = _enc(arg)
+    return float(text), text
+
+
+# A record is what the hash holds: [v, s, f, r, t, l, c, d, e] as bytes (None: no field),
+# the order of the scripts' HMGET; a claim that reports it answers [code, *record].
+_V = b"1"
+
+
+def _claim_time(data: dict[bytes, list[Any]], name: bytes, argv: tuple[Any, ...]) -> list[Any]:
+    """`_redis_scripts.CLAIM` since ad14c00 (STORE TIME): ARGV now ('' for TIME), token,
+    lease, ttl, keep_ms[, fp]; answers [1|2, lease deadline] or [3|4, *record(, now)]."""
+    now, snow = _clock(argv[0])
+    token = argv[1].encode()
+    rec = data.get(name)
+    code = 1
+    if rec is not None:
+        if float(rec[8]) > now:  # not expired
+            if rec[1] != b"i":
+                return [3, *rec]
+            if float(rec[5]) > now:  # a live lease
+                if rec[4] == token:
+                    return [1, rec[5]]
+                return [4, *rec, snow]
+            code = 2  # its lease ran out: a takeover
+        del data[name]
+    lease_until = b"%.17g" % (now + float(argv[2]))
+    data[name] = [_V, b"i", argv[5].encode() if len(argv) > 5 else None, None, token,
+                  lease_until, snow, None, b"%.17g" % (now + float(argv[3]))]
+    return [code, lease_until]
+
+
+def _complete_time(data: dict[bytes, list[Any]], name: bytes, argv: tuple[Any, ...]) -> int:
+    """`COMPLETE` since ad14c00: ARGV token, state, now ('' for TIME), ttl, ttl_ms
+    [, result]; 1 done, 0 not the token's."""
+    rec = data.get(name)
+    if rec is None or rec[4] != argv[0].encode():
+        return 0
+    now, snow = _clock(argv[2])
+    rec[1], rec[8] = argv[1], b"%.17g" % (now + float(argv[3]))
+    rec[7] = rec[7] or snow
+    rec[3] = argv[5] if len(argv) > 5 else None
+    rec[5] = None
+    return 1
+
+
+def _renew_time(data: dict[bytes, list[Any]], name: bytes, argv: tuple[Any, ...]) -> Any:
+    """`RENEW` since ad14c00: ARGV token, now ('' for TIME), lease, lease_ms; the new
+    lease deadline (text), or 0."""
+    rec = data.get(name)
+    if rec is None or rec[4] != argv[0].encode() or rec[1] != b"i":
+        return 0
+    rec[5] = b"%.17g" % (_clock(argv[1])[0] + float(argv[2]))
+    return rec[5]
+
+
+def _claim_deadline(data: dict[bytes, list[Any]], name: bytes, argv: tuple[Any, ...]
+                    ) -> list[Any]:
+    """`CLAIM` before ad14c00 (the caller's deadlines): ARGV now, token, lease_until,
+    expires_at, lease_ms[, fp]; answers [1|2] or [3|4, *record]."""
+    snow = _enc(argv[0])
+    now = float(snow)
+    token = argv[1].encode()
+    rec = data.get(name)
+    code = 1
+    if rec is not None:
+        live = float(rec[8]) > now
+        if live and rec[1] != b"i":
+            return [3, *rec]
+        if live:
+            if rec[4] == token:
+                return [1]
+            if float(rec[5]) > now:
+                return [4, *rec]
+        del data[name]
+        if rec[1] == b"i":
+            code = 2
+    data[name] = [_V, b"i", argv[5].encode() if len(argv) > 5 else None, None, token,
+                  _enc(argv[2]), snow, None, _enc(argv[3])]
+    return [code]
+
+
+def _complete_deadline(data: dict[bytes, list[Any]], name: bytes, argv: tuple[Any, ...]
+                       ) -> int:
+    """`COMPLETE` before ad14c00: ARGV token, state, now, expires_at, ttl_ms[, result]."""
+    rec = data.get(name)
+    if rec is None or rec[4] != argv[0].encode():
+        return 0
+    rec[1], rec[8] = argv[1], _enc(argv[3])
+    rec[7] = rec[7] or _enc(argv[2])
+    rec[3] = argv[5] if len(argv) > 5 else None
+    rec[5] = None
+    return 1
+
+
+def _renew_deadline(data: dict[bytes, list[Any]], name: bytes, argv: tuple[Any, ...]) -> int:
+    """`RENEW` before ad14c00: ARGV token, lease_until, lease_ms; 1 or 0."""
+    rec = data.get(name)
+    if rec is None or rec[4] != argv[0].encode() or rec[1] != b"i":
+        return 0
+    rec[5] = _enc(argv[1])
+    return 1
+
+
+def _release(data: dict[bytes, list[Any]], name: bytes, argv: tuple[Any, ...]) -> int:
+    """`RELEASE` (both generations): ARGV token; deletes the token's in-progress record."""
+    rec = data.get(name)
+    if rec is None or rec[4] != argv[0].encode() or rec[1] != b"i":
+        return 0
+    del data[name]
+    return 1
+
+
+#: The emulations of each script generation, by script name.
+_GENERATIONS = {
+    "time": {"CLAIM": _claim_time, "COMPLETE": _complete_time, "RENEW": _renew_time,
+             "RELEASE": _release},
+    "deadline": {"CLAIM": _claim_deadline, "COMPLETE": _complete_deadline,
+                 "RENEW": _renew_deadline, "RELEASE": _release},
+}
+#: Script SHA-1 -> its emulation, filled by `learn_scripts` (EVALSHA names them by SHA).
+_BY_SHA: dict[str, Callable[[dict[bytes, list[Any]], bytes, tuple[Any, ...]], Any]] = {}
+
+
+def learn_scripts(scripts: Any) -> None:
+    """Teach the fake the scripts of one `_redis_scripts` module (ours, or a baseline's):
+    each SHA maps to the emulation of its generation, told apart by the text (the
+    scripts that read ``TIME`` take durations; the older ones take deadlines)."""
+    generation = "time" if "redis.call('TIME')" in scripts.CLAIM else "deadline"
+    for script, emulate in _GENERATIONS[generation].items():
+        _BY_SHA[hashlib.sha1(getattr(scripts, script).encode()).hexdigest()] = emulate
+
+
 class FakeScripts(redis.Redis):
-    """Answers RedisStore's claim and complete scripts from a dict, as Redis would."""
+    """Answers RedisStore's scripts from a dict, as Redis would, for either generation of
+    the scripts (`learn_scripts`): claim, complete, renew and release, on Redis' ``TIME``
+    (the process clock, formatted as the scripts format it) or the caller's deadlines;
+    fields stored and replied as bytes. Also ``CONFIG GET maxmemory-policy``
+    (noeviction) and ``TIME``, what a store asks besides its scripts."""
 
     def __init__(self) -> None:  # no connection pool: nothing leaves the process
         self.data: dict[bytes, list[Any]] = {}
@@ -144,24 +299,19 @@ class FakeScripts(redis.Redis):
         return _Encoder
 
     def execute_command(self, *args: Any, **options: Any) -> Any:
-        _, sha, _, name, *argv = args
-        if sha == CLAIM_SHA:
-            rec = self.data.get(name)
-            if rec is not None:
-                return rec
-            # times stay floats (the store's float() takes them as it takes bytes)
-            now, token, lease_until, expires_at, _ms, *fp = argv
-            self.data[name] = [3, b"1", b"i", fp[0].encode() if fp else None, None,
-                               token.encode(), lease_until, now, None, expires_at]
-            return [1]
-        token, state, now, expires_at, _ms, *result = argv
-        rec = self.data[name]
-        rec[2], rec[4], rec[6], rec[8], rec[9] = (state, result[0] if result else None, None,
-                                                  now, expires_at)
-        return 1
+        if args[0] == "EVALSHA":
+            emulate = _BY_SHA.get(args[1])
+            if emulate is None or args[2] != 1:
+                raise NotImplementedError(f"the fake does not run script {args[1]}")
+            return emulate(self.data, args[3], args[4:])
+        if args[0] == "CONFIG GET" and args[1:] == ("maxmemory-policy",):
+            return {b"maxmemory-policy": b"noeviction"}  # as redis-py parses the reply
+        if args[0] == "TIME":
+            return divmod(time.time_ns() // 1000, 1_000_000)
+        raise NotImplementedError(f"the fake does not answer {args[0]!r}")
 
 
-CLAIM_SHA = hashlib.sha1(lua.CLAIM.encode()).hexdigest()
+learn_scripts(lua)
 
 
 class FakeCache:
@@ -391,12 +541,19 @@ def layouts(url: str, n: int = 20_000) -> dict[str, dict[str, float]]:
             pipe = c.pipeline(transaction=False)
             for i in range(n):
                 name = f"layout:{layout}:{i}".encode()
+                # both layouts get the same now (1000.0, an injected clock: neither reads
+                # TIME) and the same deadlines: ours takes them as durations (lease 30 s,
+                # ttl 8000 s), the string twin as deadlines (1030, 9000)
                 if phase == "complete":
-                    pipe.execute_command("EVALSHA", sha_complete, 1, name, f"t{i:031d}", "c",
-                                         1001.0, 9000.0, 8_000_000, b'{"charged":500}')
+                    args = ((f"t{i:031d}", "c", 1001.0, 7999.0, 8_000_000, b'{"charged":500}')
+                            if layout == "hash" else
+                            (f"t{i:031d}", "c", 1001.0, 9000.0, 8_000_000, b'{"charged":500}'))
+                    pipe.execute_command("EVALSHA", sha_complete, 1, name, *args)
                 else:
-                    pipe.execute_command("EVALSHA", sha_claim, 1, name, 1000.0, f"t{i:031d}",
-                                         1030.0, 9000.0, 31_000, fp)
+                    args = ((1000.0, f"t{i:031d}", 30.0, 8000.0, 31_000, fp)
+                            if layout == "hash" else
+                            (1000.0, f"t{i:031d}", 1030.0, 9000.0, 31_000, fp))
+                    pipe.execute_command("EVALSHA", sha_claim, 1, name, *args)
                 if i % 1000 == 999:
                     pipe.execute()
                     pipe = c.pipeline(transaction=False)
@@ -416,6 +573,8 @@ def main() -> None:
 
     args = C.parse_args(__doc__.split("\n")[0], rounds=15, n=1000, quick_n=300, extra=extra)
     baseline = load_baseline(args.baseline) if args.baseline else None
+    if baseline is not None:  # the fake client answers the baseline's scripts too
+        learn_scripts(importlib.import_module(f"{baseline.__name__}.stores._redis_scripts"))
     with RedisServer() as server:
         bench = Bench(server.url, baseline)
         info = server.command("INFO", "server").decode()
