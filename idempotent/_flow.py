@@ -275,7 +275,9 @@ def deliver(flow: Flow, mode: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     delivery's strategy object, already holding its key; its claim happened when it was
     made (see the mode classes)."""
     key = mode.key
-    started = perf_counter() if flow.watched() else None
+    # the one check per delivery for events: listeners, or the logger at DEBUG
+    started = (perf_counter() if flow.listeners or LISTENERS or _LOG.isEnabledFor(_DEBUG)
+               else None)
     try:
         found = mode.claim()
         if found is not None:
@@ -387,7 +389,7 @@ class Lease:
             self.beat = None
         flow, key = self.flow, self.key
         try:
-            data = flow.encode(value, key)
+            data = None if value is None else flow.encode(value, key)
         except ResultNotSerializable as exc:  # logged at WARNING by the event
             flow.emit("result_not_stored", key, None, None, exc)
             data = _rules.not_stored(str(exc.__cause__ or exc))
@@ -412,7 +414,10 @@ class Lease:
             self.beat = None
 
     def close(self) -> None:
-        self._stop()
+        beat = self.beat  # _stop(), inline: every delivery passes here
+        if beat is not None:
+            beat.stop()
+            self.beat = None
 
 
 def _start_async_heartbeat(flow: Flow, key: str, token: str) -> _heartbeat.Beat:
