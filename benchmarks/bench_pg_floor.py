@@ -10,13 +10,21 @@ no SQLAlchemy, no decorator. Each does one ledger INSERT (prepared) per transact
   delivery: ``BEGIN; SET LOCAL lock_timeout; EXECUTE claim`` | ledger INSERT |
   ``UPDATE … SET result; COMMIT`` (3 round trips, two writes of the record)
 * ``… no SET LOCAL``, ``… no result UPDATE``: the same without one of its parts
-* ``optimistic (1 write)``: ``BEGIN`` | ledger INSERT | ``INSERT record with result; COMMIT``
-  (the record written once, after the handler; a concurrent duplicate fails at the
-  unique key and its transaction rolls back)
-* ``optimistic, BEGIN pipelined``: ``BEGIN; ledger INSERT`` | ``INSERT record; COMMIT``
+* ``optimistic (lib SQL)``: what the fast path sends for ``transaction(optimistic=True)``:
+  ``BEGIN; EXECUTE read`` | ledger INSERT | ``SET LOCAL lock_timeout; EXECUTE done;
+  COMMIT`` (the record written once, with its result, after the handler)
+* ``optimistic (1 write)``: ``BEGIN`` | ledger INSERT | ``EXECUTE done; COMMIT`` (no read
+  first: a concurrent duplicate fails at the unique key and its transaction rolls back)
+* ``optimistic, BEGIN pipelined``: ``BEGIN; ledger INSERT`` | ``EXECUTE done; COMMIT``
   (2 round trips: the floor of any design that writes a record)
 
-The records table is the library's (``SqlStore.create_schema()``).
+The records table and every statement on it are the library's: a ``SqlStore`` on the
+benchmark's database (``create_schema()``) gives its fast path's ``PREPARE`` text (the
+``_Statements`` Core statements compiled for PostgreSQL), and the queries are built with
+its compiled statements and literal quoting, with the parameters ``SqlStore.transaction``
+binds (``now`` NULL: the database's clock; the default ttl). The queries of each
+transaction are built before the clock starts; a claim that finds a record, or a count of
+records that differs from the transactions run, stops the benchmark.
 
 Run: ``.venv/bin/python benchmarks/bench_pg_floor.py [--quick] [--json]``
 """
@@ -24,7 +32,6 @@ Run: ``.venv/bin/python benchmarks/bench_pg_floor.py [--quick] [--json]``
 from __future__ import annotations
 
 import itertools
-import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -33,6 +40,8 @@ import _common as C  # sets up sys.path first
 import sqlalchemy as sa
 
 from idempotent import SqlStore
+from idempotent.stores._pg_fast import literal_quoter
+from idempotent.stores.base import DEFAULT_TTL
 
 
 def main() -> None:
@@ -43,6 +52,7 @@ def main() -> None:
         engine = sa.create_engine(pg.url)
         store = SqlStore(engine)
         store.create_schema()
+        assert store._fast_pg, "the benchmark wants the store's psycopg fast path"
         version = C.pg_version(engine)
         t = store.table.name
         with psycopg.connect(pg.dsn, autocommit=True) as admin:
@@ -51,77 +61,112 @@ def main() -> None:
         conn = psycopg.connect(pg.dsn)
         pq = conn.pgconn
 
-        def ex(q: str) -> Any:
-            r = pq.exec_(q.encode())
+        def ex(q: str | bytes) -> Any:
+            r = pq.exec_(q if isinstance(q, bytes) else q.encode())
             if r.status not in (1, 2):  # COMMAND_OK, TUPLES_OK
                 raise RuntimeError(r.error_message.decode())
             return r
 
-        ex(f"PREPARE claim (text,text,text,float8,float8) AS INSERT INTO {t} AS r "
-           "(namespace,key,state,fingerprint,created_at,completed_at,expires_at) "
-           "VALUES ($1,$2,'completed',$3,$4,$4,$5) ON CONFLICT (namespace,key) DO UPDATE SET "
-           "state='completed', fingerprint=EXCLUDED.fingerprint, result=NULL, token=NULL, "
-           "lease_until=NULL, created_at=EXCLUDED.created_at, "
-           "completed_at=EXCLUDED.completed_at, expires_at=EXCLUDED.expires_at "
-           "WHERE r.expires_at <= $4 RETURNING 1")
-        ex(f"PREPARE once (text,text,text,float8,float8,bytea) AS INSERT INTO {t} "
-           "(namespace,key,state,fingerprint,created_at,completed_at,expires_at,result) "
-           "VALUES ($1,$2,'completed',$3,$4,$4,$5,$6)")
+        # The library's own statements, as its fast path sends them (`PgFastPath` over
+        # `sql._Statements`: the same Core statements compiled for PostgreSQL, PREPAREd
+        # under its names, literals quoted by libpq): nothing here restates its SQL.
+        fast = store._pg
+        ex(fast.prepare)  # PREPARE read, claim and done
         ex("PREPARE led (text) AS INSERT INTO floor_ledger (msg_id, account, cents) "
            "VALUES ($1, 'acct-0042', 1234) RETURNING id")
-        fp = "'" + "ab" * 32 + "'"
-        res = "decode('" + b'{"status":"applied","id":"pg-0123456789"}'.hex() + "','hex')"
+        lit = literal_quoter(psycopg.pq.Escaping(pq).escape_literal, conn.info.encoding)
+        res = b'{"status":"applied","id":"pg-0123456789"}'
 
-        def bare(k: str) -> None:
-            ex("BEGIN")
-            ex(f"EXECUTE led('{k}')")
-            ex("COMMIT")
+        def params(k: str) -> dict[str, Any]:
+            # what `SqlStore.transaction` binds: now None (the database's clock, STORE
+            # TIME), the default ttl, the decorator's fingerprint (sha256 hex)
+            return {"ns": "bench", "k": k, "fp": "ab" * 32, "now": store._stmt_now(),
+                    "ttl": DEFAULT_TTL, "res": res}
 
-        def pessimistic(lock: bool = True, result: bool = True) -> Callable[[str], None]:
-            def run(k: str) -> None:
-                now = time.time()
-                ex(f"BEGIN; {'SET LOCAL lock_timeout = 5000; ' if lock else ''}"
-                   f"EXECUTE claim('bench','{k}',{fp},{now},{now + 604800})")
-                ex(f"EXECUTE led('{k}')")
-                ex(f"UPDATE {t} SET result = {res} WHERE namespace = 'bench' AND key = '{k}'; "
-                   "COMMIT" if result else "COMMIT")
-            return run
+        def execute(name: bytes, stmt: Any, p: dict[str, Any]) -> bytes:
+            return b"".join((name, b",".join(stmt.args(lit, p)), b")"))
 
-        def optimistic(pipelined_begin: bool) -> Callable[[str], None]:
-            def run(k: str) -> None:
-                now = time.time()
+        def led(k: str) -> bytes:
+            return f"EXECUTE led('{k}')".encode()
+
+        # Each design: the queries (one per round trip) of one transaction for key k,
+        # built before the clock starts; a check of the reply where the library checks one.
+        def bare(k: str) -> list[bytes]:
+            return [b"BEGIN", led(k), b"COMMIT"]
+
+        def pessimistic(lock: bool = True, result: bool = True) -> Callable[[str], list[bytes]]:
+            # PgFastPath.begin (pessimistic) | the handler | PgFastPath.finish
+            def queries(k: str) -> list[bytes]:
+                p = params(k)
+                return [b"BEGIN; " + (fast.set_lock if lock else b"")
+                        + execute(fast.execute_claim, fast.claim, p),
+                        led(k),
+                        fast.store_result.inline(fast.store_result.args(lit, p)) + b"; COMMIT"
+                        if result else b"COMMIT"]
+            return queries
+
+        def optimistic_lib(k: str) -> list[bytes]:
+            # PgFastPath.begin (optimistic: a read) | the handler | finish (the insert)
+            p = params(k)
+            return [b"BEGIN; " + execute(fast.execute_read, fast.read, p), led(k),
+                    fast.set_lock + execute(fast.execute_done, fast.done, p) + b"; COMMIT"]
+
+        def optimistic(pipelined_begin: bool) -> Callable[[str], list[bytes]]:
+            # the floor: no read first, no SET LOCAL; the record is the library's insert
+            def queries(k: str) -> list[bytes]:
+                insert = execute(fast.execute_done, fast.done, params(k)) + b"; COMMIT"
                 if pipelined_begin:
-                    ex(f"BEGIN; EXECUTE led('{k}')")
-                else:
-                    ex("BEGIN")
-                    ex(f"EXECUTE led('{k}')")
-                ex(f"EXECUTE once('bench','{k}',{fp},{now},{now + 604800},{res}); COMMIT")
-            return run
+                    return [b"BEGIN; " + led(k), insert]
+                return [b"BEGIN", led(k), insert]
+            return queries
 
-        designs: dict[str, Callable[[str], None]] = {
+        designs: dict[str, Callable[[str], list[bytes]]] = {
             "bare": bare,
             "pessimistic (lib SQL)": pessimistic(),
             "pessimistic, no SET LOCAL": pessimistic(lock=False),
             "pessimistic, no result UPDATE": pessimistic(result=False),
+            "optimistic (lib SQL)": optimistic_lib,
             "optimistic (1 write)": optimistic(False),
             "optimistic, BEGIN pipelined": optimistic(True),
         }
+        # the first round trip of a pessimistic claim answers the key when it was claimed
+        claims = {k for k in designs if k.startswith("pessimistic")}
+        written: dict[str, int] = dict.fromkeys(designs, 0)
         counter = itertools.count()
         prefix = uuid.uuid4().hex[:8]
 
-        def variant(fn: Callable[[str], None]) -> C.Variant:
+        def variant(name: str) -> C.Variant:
+            make, claim = designs[name], name in claims
+
             def run(n: int) -> tuple[float, float]:
-                keys = [f"{prefix}-{next(counter)}" for _ in range(n)]
+                txs = [make(f"{prefix}-{next(counter)}") for _ in range(n)]
+                claimed: list[int] = []
 
                 def loop() -> None:
-                    for k in keys:
-                        fn(k)
+                    for first, *rest in txs:
+                        r = ex(first)
+                        if claim:
+                            claimed.append(r.ntuples)
+                        for q in rest:
+                            ex(q)
 
-                return C.timed(loop)
+                t = C.timed(loop)
+                if claim and sum(claimed) != n:
+                    raise AssertionError(f"{name}: {n - sum(claimed)} claims found a record")
+                written[name] += n
+                return t
             return run
 
-        results = C.interleave({k: variant(f) for k, f in designs.items()}, rounds=args.rounds,
+        results = C.interleave({k: variant(k) for k in designs}, rounds=args.rounds,
                                n=args.n, baseline="bare", args=args)
+        # every design but bare wrote one record per transaction, all but one with a result
+        rows = ex(f"SELECT count(*), count(result) FROM {t} WHERE namespace = 'bench'")
+        got = (int(rows.get_value(0, 0)), int(rows.get_value(0, 1)))
+        want = (sum(v for k, v in written.items() if k != "bare"),
+                sum(v for k, v in written.items()
+                    if k not in ("bare", "pessimistic, no result UPDATE")))
+        if got != want:
+            raise AssertionError(f"records (all, with a result): {got}, expected {want}")
         conn.close()
         engine.dispose()
 
