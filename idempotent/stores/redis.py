@@ -30,6 +30,7 @@ from a ``greenlet_spawn``-ed function when using the store directly.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import logging
@@ -62,13 +63,19 @@ try:
     import redis.cluster
     import redis.retry
     from redis.crc import key_slot
-    from redis.exceptions import NoScriptError, ResponseError
+    from redis.exceptions import MaxConnectionsError, NoScriptError, ResponseError
     from sqlalchemy.exc import MissingGreenlet
     from sqlalchemy.util import await_only
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
         "RedisStore needs redis-py: pip install 'idempotent[redis]'"
     ) from exc
+
+_hiredis_pack: Callable[[tuple[Any, ...]], bytes] | None
+try:
+    from hiredis import pack_command as _hiredis_pack
+except ImportError:  # pragma: no cover - redis[hiredis] is what the extra installs
+    _hiredis_pack = None
 
 __all__ = [
     "DEFAULT_SOCKET_TIMEOUT", "MAX_KEY_LENGTH", "EvictionPolicyError", "RedisStore",
@@ -263,6 +270,251 @@ def _roundtrips(conn: Any, commands: list[tuple[Any, ...]]) -> list[Any]:
     return replies
 
 
+class _Loop:
+    """The kept connections of one event loop (a ``redis.asyncio`` connection works on
+    the loop it connected on only), and how many this store made there."""
+
+    __slots__ = ("count", "idle", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.idle: deque[Any] = deque()
+        self.count = 0
+
+
+class _AsyncConnections:
+    """`_Connections` for a ``redis.asyncio`` client: a script call is ONE coroutine
+    (awaited once through the greenlet bridge) that pops a kept connection of the running
+    event loop (or makes one, connected lazily), writes the packed command, reads the
+    reply and pushes the connection back.
+
+    Against ``execute_command`` this skips, per call: the pool's lock, checkout and
+    release (and redis-py's metrics calls on the way), the pure-Python command packer
+    (hiredis packs instead, as the sync client does), and ``send_packed_command``'s
+    ``asyncio.wait_for``, which makes a Task per write on Python < 3.12: the write goes
+    to the transport directly, and only a write the kernel did not take whole (a large
+    result) waits for the drain, within ``socket_timeout``. The read is the connection's
+    own ``read_response`` (``socket_timeout``, error replies raised, disconnect on any
+    error). A failed round trip is retried by the connection's own ``Retry`` (the URL
+    client's: one immediate reconnect), and a connection redis-py asks to reconnect is
+    reconnected.
+
+    The connections are the store's (``pool.make_connection()``; at most the pool's
+    ``max_connections`` per loop), not the pool's, so a connection of a loop that has
+    ended is never handed to another: each event loop gets its own deque, and the
+    connections of a closed loop (or of the parent, after a fork) are closed without it.
+    A connection goes back with nothing left to read, or disconnected: anything raised
+    between the write and the end of the reply (a ``CancelledError`` too) disconnects
+    it. An error reply that was read whole (``NOSCRIPT``, a script error) keeps it.
+    """
+
+    __slots__ = ("current", "loops", "pid", "pool", "reconnects")
+
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+        self.current: _Loop | None = None
+        self.loops: dict[asyncio.AbstractEventLoop, _Loop] = {}
+        self.pid = os.getpid()
+        self.reconnects = hasattr(pool.connection_class, "should_reconnect")
+
+    def _here(self) -> _Loop:
+        loop = asyncio.get_running_loop()
+        current = self.current  # one read: another thread's loop may replace it
+        if current is not None and current.loop is loop and self.pid == os.getpid():
+            return current
+        return self._switch(loop)
+
+    def _switch(self, loop: asyncio.AbstractEventLoop) -> _Loop:
+        if self.pid != os.getpid():
+            # forked: the parent's connections (and loops) are not ours; left untouched,
+            # since closing them here would also reach into the parent's selector
+            self.loops, self.pid = {}, os.getpid()
+        for old in [old for old in self.loops.values() if old.loop.is_closed()]:
+            _close_all(old)
+            del self.loops[old.loop]
+        here = self.loops.get(loop)
+        if here is None:
+            here = self.loops[loop] = _Loop(loop)
+        self.current = here
+        return here
+
+    def _take(self, here: _Loop) -> Any:
+        try:
+            return here.idle.pop()
+        except IndexError:
+            if here.count >= self.pool.max_connections:
+                raise MaxConnectionsError("Too many connections") from None
+            here.count += 1
+            return self.pool.make_connection()  # connects on its first round trip
+
+    async def _keep(self, here: _Loop, conn: Any) -> None:
+        if self.reconnects and conn.should_reconnect():
+            await self._discard(here, conn)  # connects again on its next round trip
+        else:
+            here.idle.append(conn)
+
+    async def _discard(self, here: _Loop, conn: Any) -> None:
+        """Back to the deque disconnected (whatever reply was on its way is dropped with
+        the socket), or, if even that fails, closed and forgotten."""
+        kept = False
+        try:
+            await conn.disconnect(nowait=True)
+            kept = True
+        except Exception:  # pragma: no cover - disconnect swallows the socket's errors
+            log.debug("idempotent: dropping a Redis connection that failed to disconnect",
+                      exc_info=True)
+        finally:
+            if kept:
+                here.idle.append(conn)
+            else:
+                here.count -= 1
+                _close_now(conn)
+
+    async def _run(self, conn: Any, packed: Any) -> Any:
+        return await conn.retry.call_with_retry(
+            lambda: _around_trip(conn, packed), lambda _error: conn.disconnect())
+
+    async def evalsha(self, script: _Script, numkeys: int, args: tuple[Any, ...]) -> Any:
+        """``EVALSHA``, and ``EVAL`` after NOSCRIPT on the same connection, in one
+        coroutine: the hot path of every store operation."""
+        here = self._here()
+        conn = self._take(here)
+        try:
+            try:
+                reply = await self._run(
+                    conn, _pack(conn, ("EVALSHA", script.sha, numkeys, *args)))
+            except NoScriptError:  # read whole: the connection goes on
+                reply = await self._run(
+                    conn, _pack(conn, ("EVAL", script.text, numkeys, *args)))
+        except ResponseError:  # an error reply read whole: nothing is left unread
+            await self._keep(here, conn)
+            raise
+        except BaseException:
+            await self._discard(here, conn)
+            raise
+        await self._keep(here, conn)
+        return reply
+
+    async def execute(self, *args: Any) -> Any:
+        """One command (a first argument with a space is split: ``"SCRIPT LOAD"``)."""
+        if " " in args[0]:
+            args = (*args[0].split(), *args[1:])
+        here = self._here()
+        conn = self._take(here)
+        try:
+            reply = await self._run(conn, _pack(conn, args))
+        except ResponseError:
+            await self._keep(here, conn)
+            raise
+        except BaseException:
+            await self._discard(here, conn)
+            raise
+        await self._keep(here, conn)
+        return reply
+
+    async def execute_many(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Several commands written together on one connection, every reply read (an
+        error reply as its exception, in its place): one round trip."""
+        here = self._here()
+        conn = self._take(here)
+        try:
+            packed = b"".join(_pack(conn, command) for command in commands)
+            replies: list[Any] = await conn.retry.call_with_retry(
+                lambda: _around_trips(conn, packed, len(commands)),
+                lambda _error: conn.disconnect())
+        except BaseException:
+            await self._discard(here, conn)
+            raise
+        await self._keep(here, conn)
+        return replies
+
+    async def aclear(self) -> None:
+        """Disconnect the kept connections of the running loop, close those of closed
+        loops (another thread's live loop keeps its own)."""
+        loop = asyncio.get_running_loop()
+        for old in list(self.loops.values()):
+            if old.loop is loop:
+                idle, old.idle = old.idle, deque()
+                old.count -= len(idle)
+                await asyncio.gather(*(conn.disconnect() for conn in idle),
+                                     return_exceptions=True)
+            elif old.loop.is_closed():
+                _close_all(old)
+                del self.loops[old.loop]
+
+
+def _pack(conn: Any, command: tuple[Any, ...]) -> bytes:
+    if _hiredis_pack is not None:
+        return _hiredis_pack(command)
+    return b"".join(conn.pack_command(*command))  # pragma: no cover - without hiredis
+
+
+async def _connected(conn: Any) -> Any:
+    """The connection's stream writer, connecting first if it has none."""
+    if conn._writer is None:
+        await conn.connect()
+    elif conn.health_check_interval:
+        await conn.check_health()
+    return conn._writer
+
+
+async def _write(conn: Any, packed: bytes) -> None:
+    writer = conn._writer
+    if writer is None or conn.health_check_interval:
+        writer = await _connected(conn)
+    writer.write(packed)
+    if writer.transport.get_write_buffer_size():  # the kernel did not take it all
+        try:
+            await asyncio.wait_for(writer.drain(), conn.socket_timeout)
+        except asyncio.TimeoutError:
+            await conn.disconnect(nowait=True)
+            raise redis.exceptions.TimeoutError("Timeout writing to socket") from None
+        except OSError as exc:
+            await conn.disconnect(nowait=True)
+            raise redis.exceptions.ConnectionError(
+                f"Error while writing to socket: {exc}") from exc
+
+
+async def _around_trip(conn: Any, packed: bytes) -> Any:
+    await _write(conn, packed)
+    return await conn.read_response()  # raises the server's error replies (NoScriptError...)
+
+
+async def _around_trips(conn: Any, packed: bytes, count: int) -> list[Any]:
+    await _write(conn, packed)
+    replies: list[Any] = []
+    for _ in range(count):
+        try:
+            replies.append(await conn.read_response())
+        except ResponseError as exc:  # read whole: the next reply follows
+            replies.append(exc)
+    return replies
+
+
+def _close_all(here: _Loop) -> None:
+    idle, here.idle = here.idle, deque()
+    here.count = 0
+    for conn in idle:
+        _close_now(conn)
+
+
+def _close_now(conn: Any) -> None:
+    """Close a connection's socket without awaiting anything, also when its loop is
+    closed (``asyncio.run`` ended), which can no longer do it itself."""
+    writer = getattr(conn, "_writer", None)
+    conn._reader = conn._writer = None
+    if writer is None:
+        return
+    transport = writer.transport
+    try:
+        transport.abort()  # marks it closing; its loop closes the socket soon
+    except RuntimeError:  # the loop is closed: close the socket ourselves
+        sock = getattr(transport, "_sock", None)  # asyncio's selector transports
+        if sock is not None:
+            sock.close()
+            transport._sock = None  # closed: nothing left for its __del__ to warn about
+
+
 class RedisStore(Store):
     """Records in Redis, each operation one atomic Lua script and one round trip.
 
@@ -333,7 +585,7 @@ class RedisStore(Store):
             raise ValueError(
                 f"wait_timeout_ms must be a positive int, not {wait_timeout_ms!r} "
                 "(WAIT with 0 would block until the replicas answer, however long)")
-        self._direct: _Connections | None = None
+        self._direct: _Connections | _AsyncConnections | None = None
         if isinstance(url_or_client, str):
             client = _client_from_url(url_or_client, cluster, use_asyncio, client_options)
             timeout = _socket_timeout(client)
@@ -344,6 +596,11 @@ class RedisStore(Store):
             if (type(client) is redis.Redis and client.connection is None
                     and not _redis_metrics_enabled()):
                 self._direct = _Connections(client.connection_pool)
+            elif (type(client) is redis.asyncio.Redis and client.connection is None
+                    and type(client.connection_pool) is redis.asyncio.ConnectionPool
+                    and not _redis_metrics_enabled()
+                    and _async_connections_known(client.connection_pool)):
+                self._direct = _AsyncConnections(client.connection_pool)
         elif client_options or cluster or use_asyncio:
             raise TypeError("cluster=, use_asyncio= and client options go with a URL only")
         else:
@@ -394,17 +651,24 @@ class RedisStore(Store):
         """Close the client's connections (with an asyncio client: inside the greenlet
         bridge, or use `aclose`)."""
         if self.is_async:
-            self._wait(self.client.aclose())
+            self._wait(self._aclose())
         else:
             self.client.close()
-            if self._direct is not None:
+            if isinstance(self._direct, _Connections):
                 self._direct.clear()
 
     async def aclose(self) -> None:
         """Close an asyncio client's connections."""
         if not self.is_async:
             raise TypeError("aclose() is for a store with a redis.asyncio client; use close()")
-        await self.client.aclose()
+        await self._aclose()
+
+    async def _aclose(self) -> None:
+        try:
+            await self.client.aclose()
+        finally:
+            if isinstance(self._direct, _AsyncConnections):
+                await self._direct.aclear()
 
     # -- the eviction policy --------------------------------------------------------------
     def _check_policy(self) -> None:
@@ -438,6 +702,8 @@ class RedisStore(Store):
     def _read_policies(self) -> dict[str, str] | None:
         """``{node: policy}`` (node ``""`` for a standalone server), or None if the server
         lets us read neither ``CONFIG GET maxmemory-policy`` nor ``INFO memory``."""
+        if isinstance(self._direct, _AsyncConnections):
+            return self._read_policies_direct(self._direct)
         client = self.client
         options = {"target_nodes": client.PRIMARIES} if self.is_cluster else {}
         for command, arg, field in (("config_get", "maxmemory-policy", "maxmemory-policy"),
@@ -446,6 +712,24 @@ class RedisStore(Store):
                 found = _policies(self._wait(getattr(client, command)(arg, **options)), field)
             except ResponseError:  # refused (ACL, a renamed or disabled command)
                 continue
+            if found:
+                return found
+        return None
+
+    def _read_policies_direct(self, direct: _AsyncConnections) -> dict[str, str] | None:
+        """`_read_policies` on the store's own connections (raw replies)."""
+        for command, arg in (("CONFIG GET", "maxmemory-policy"), ("INFO", "memory")):
+            try:
+                reply = self._wait(direct.execute(command, arg))
+            except ResponseError:
+                continue
+            if isinstance(reply, list):  # CONFIG GET, RESP2: [name, value, ...]
+                reply = dict(zip(reply[::2], reply[1::2], strict=False))
+            elif isinstance(reply, bytes):  # INFO: "name:value" lines
+                reply = dict(line.split(b":", 1) for line in reply.splitlines()
+                             if b":" in line and not line.startswith(b"#"))
+            found = _policies(reply, "maxmemory-policy" if command != "INFO"
+                              else "maxmemory_policy")
             if found:
                 return found
         return None
@@ -490,6 +774,8 @@ class RedisStore(Store):
         if not self._policy_ok:
             self._check_policy()
         direct = self._direct
+        if type(direct) is _AsyncConnections:  # one coroutine, EVAL after NOSCRIPT in it
+            return _await_only(direct.evalsha(script, numkeys, args))
         execute = self.client.execute_command if direct is None else direct.execute
         try:
             reply = execute("EVALSHA", script.sha, numkeys, *args)
@@ -551,7 +837,7 @@ class RedisStore(Store):
     def _together(self, name: bytes, commands: list[tuple[Any, ...]]) -> list[Any]:
         """``commands`` on one connection to the node of ``name``, in one round trip."""
         if self._direct is not None:
-            return self._direct.execute_many(commands)
+            return list(self._wait(self._direct.execute_many(commands)))
         if self.is_cluster:  # WAIT counts the replicas of the node the script wrote on
             node = self.client.get_node_from_key(name)
             pipe = node.redis_connection.pipeline(transaction=False)
@@ -903,6 +1189,18 @@ def _client_from_url(url: str, cluster: bool, use_asyncio: bool, options: dict[s
         options["retry"] = retry_cls(NoBackoff(), 1)
     cls = redis.asyncio.Redis if use_asyncio else redis.Redis
     return cls.from_url(url, **options)
+
+
+def _async_connections_known(pool: Any) -> bool:
+    """Does this redis-py's asyncio connection look as `_AsyncConnections` expects (a
+    stream writer it connects, ``read_response``, a ``Retry``)?"""
+    try:
+        conn = pool.make_connection()
+    except Exception:  # pragma: no cover - a connection class that wants more
+        return False
+    return (hasattr(conn, "_writer") and conn._writer is None and hasattr(conn, "retry")
+            and hasattr(conn, "read_response") and hasattr(conn, "connect")
+            and hasattr(pool, "max_connections"))
 
 
 def _redis_metrics_enabled() -> bool:
