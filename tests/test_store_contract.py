@@ -130,6 +130,49 @@ def test_namespaces_are_separate(contract: tuple[Store, Clock]) -> None:
     assert isinstance(store.claim("b", "k", fingerprint=None), Claimed)
 
 
+def test_rule_claimable_reports_takeovers_and_not_fresh_keys(
+        contract: tuple[Store, Clock]) -> None:
+    """CLAIMABLE: a new key is not a takeover; another worker's lapsed lease is
+    (taken_over=True); a record past its expiry is a new key again, not a takeover."""
+    store, clock = contract
+    first = store.claim("ns", "k", fingerprint=None, lease=10, ttl=100)
+    assert isinstance(first, Claimed) and first.taken_over is False
+    clock.now += 11
+    second = store.claim("ns", "k", fingerprint=None, lease=10, ttl=100)
+    assert isinstance(second, Claimed) and second.taken_over is True
+    clock.now += 200  # past expires_at: the record no longer counts
+    third = store.claim("ns", "k", fingerprint=None, lease=10, ttl=100)
+    assert isinstance(third, Claimed) and third.taken_over is False
+
+
+def test_rule_fenced_a_claim_sent_again_with_its_token_is_its_own(
+        contract: tuple[Store, Clock]) -> None:
+    """FENCED: a claim retried with the same token (its first reply lost) is Claimed
+    again, not InProgress; another token is InProgress."""
+    store, _ = contract
+    got = store.claim("ns", "k", fingerprint=None, lease=10, token="t" * 32)
+    assert isinstance(got, Claimed) and got.token == "t" * 32
+    again = store.claim("ns", "k", fingerprint=None, lease=10, token="t" * 32)
+    assert isinstance(again, Claimed) and again.token == "t" * 32
+    assert isinstance(store.claim("ns", "k", fingerprint=None, lease=10), InProgress)
+
+
+def test_rule_store_time_without_an_injected_clock(contract: tuple[Store, Clock]) -> None:
+    """STORE TIME: with no clock injected the store decides on its own clock, which on
+    this machine reads the real time; a live lease is InProgress with the store's now."""
+    import time
+
+    store, _ = contract
+    store.clock = None
+    before = time.time()
+    now = store.now()
+    assert before - 5 < now < time.time() + 5
+    got = store.claim("ns", "own-time", fingerprint=None, lease=30)
+    assert isinstance(got, Claimed) and now < got.lease_until < time.time() + 35
+    busy = store.claim("ns", "own-time", fingerprint=None, lease=30)
+    assert isinstance(busy, InProgress) and busy.now < got.lease_until
+
+
 def _race(url: str, barrier: Any, results: Any) -> None:
     store = SqlStore(url)
     barrier.wait(30)
