@@ -6,7 +6,10 @@ Run as ``python tests/_kill_worker.py '<json spec>'``; the spec names the store
 (``sqlite``, ``postgres``, ``redis``) and its URL, the mode (``lease``, ``own``,
 ``own-pess``, ``caller``), the payment, the kill point and a marker file. Just before it
 kills itself the worker writes the point's name to the marker file (fsynced), so the test
-knows the kill came from where it was meant to. A worker that reaches the end without
+knows the kill came from where it was meant to. With ``hold`` (a path) it first writes
+``holding`` to the marker file and waits at the point, holding what it holds there (a
+claimed key, an open transaction), until the test creates the ``hold`` file: so a
+duplicate can be made to wait on the worker before it dies. A worker that reaches the end without
 being killed exits 0 (the test then fails on the return code).
 
 The same module gives the test its schema and its handler (`Payments`), so the killed
@@ -133,9 +136,20 @@ class Payments:
 def main(spec: dict[str, Any]) -> None:
     point, marker, mode = spec["point"], spec["marker"], spec["mode"]
 
+    hold = spec.get("hold")  # a file to wait for at the point, before dying there
+
     def kill(here: str) -> None:
-        if here == point:
-            die(marker, here)
+        if here != point:
+            return
+        if hold is not None:  # say we hold the key, wait for the test's go, then die
+            with open(marker, "w") as f:
+                f.write("holding")
+            end = time.monotonic() + 30.0
+            while not os.path.exists(hold):
+                if time.monotonic() > end:
+                    sys.exit("no go from the test in 30 s")
+                time.sleep(0.01)
+        die(marker, here)
 
     if spec["store"] == "redis":
         from idempotent.stores.redis import RedisStore

@@ -41,6 +41,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -217,16 +218,23 @@ class Run:
         if isinstance(self.store, RedisStore):
             self.store.close()
 
-    def kill_worker(self) -> None:
-        """Run the worker to its death; it must die of SIGKILL at the cell's point."""
-        marker = self.tmp / "killed-at"
+    def start_worker(self, hold: Path | None = None) -> subprocess.Popen[bytes]:
+        """Start the worker, which delivers the payment and dies at the cell's point."""
         spec = {"store": self.cell.store, "url": self.url, "provider_url": self.sql_url,
                 "mode": self.cell.mode, "payment_id": self.pid, "cents": CENTS,
-                "point": self.cell.point, "marker": str(marker)}
+                "point": self.cell.point, "marker": str(self.marker),
+                "hold": None if hold is None else str(hold)}
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
             [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
-        proc = subprocess.Popen([sys.executable, str(WORKER), json.dumps(spec)], cwd=REPO,
+        return subprocess.Popen([sys.executable, str(WORKER), json.dumps(spec)], cwd=REPO,
                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    @property
+    def marker(self) -> Path:
+        return self.tmp / "killed-at"
+
+    def reap(self, proc: subprocess.Popen[bytes]) -> None:
+        """Wait for the worker: it must have died of SIGKILL, at the cell's point."""
         try:
             out, err = proc.communicate(timeout=WORKER_TIMEOUT)
         except subprocess.TimeoutExpired:
@@ -236,7 +244,10 @@ class Run:
         assert proc.returncode == -signal.SIGKILL, (
             f"the worker exited {proc.returncode}, not by SIGKILL:\n"
             f"{out.decode(errors='replace')}{err.decode(errors='replace')[-3000:]}")
-        assert marker.read_text() == self.cell.point
+        assert self.marker.read_text() == self.cell.point
+
+    def kill_worker(self) -> None:
+        self.reap(self.start_worker())
 
     # what is recorded
     def record(self) -> Any:
@@ -398,4 +409,78 @@ def test_the_matrix_is_what_it_says() -> None:
     ids = [p.id for p in CELLS]
     assert len(ids) == len(set(ids)) == 56
     assert {(p.values[0].store, p.values[0].mode) for p in CELLS} == set(COMBOS)
-    assert set(KNOWN_BUGS) <= set(ids)
+    assert set(KNOWN_BUGS) <= set(ids) | {"wait-" + p.id.split("-", 1)[1] for p in WAITING}
+
+
+# -- a duplicate waiting on the key when its holder is killed -----------------------------------
+WAITING = [
+    pytest.param(Cell("postgres", mode, point), id=f"postgres-{mode}-{point}",
+                 marks=[pytest.mark.postgres]
+                 + ([pytest.mark.xfail(strict=True, reason=KNOWN_BUGS[f"wait-{mode}-{point}"])]
+                    if f"wait-{mode}-{point}" in KNOWN_BUGS else []))
+    for mode in ("own-pess", "caller") for point in ("after_effect", "at_commit")
+]
+
+
+def _lock_waiters(engine: sa.Engine) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(sa.text(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND wait_event_type = 'Lock'")).scalar_one())
+
+
+@pytest.mark.parametrize("cell", WAITING)
+def test_sigkill_under_a_waiting_duplicate(cell: Cell, backends: Backends,
+                                           tmp_path: Path) -> None:
+    """PostgreSQL, the key claimed pessimistically (``optimistic=False``, or the caller's
+    transaction): the worker holds the uncommitted key at the point, a duplicate delivery
+    blocks on it (seen in ``pg_stat_activity``), then the worker kills itself. The
+    duplicate must then claim the key and run, once, within ``lock_timeout``: exactly one
+    ledger row, the duplicate's."""
+    run = Run(cell, backends, tmp_path)
+    go = tmp_path / "go"
+    proc = run.start_worker(hold=go)
+    result: dict[str, Any] = {}
+    waiter: threading.Thread | None = None
+    try:
+        def holding_or_gone() -> bool:
+            held = run.marker.exists() and run.marker.read_text() == "holding"
+            return held or proc.poll() is not None
+
+        assert wait_until(holding_or_gone), "the worker never held the key"
+        assert proc.poll() is None, "the worker ended before it held the key"
+        handler = Payments(run.store, cell.mode, run.sql.engine, "redelivery")
+
+        def duplicate() -> None:
+            try:
+                result["value"] = handler.deliver(run.msg, run.sql.engine)
+            except BaseException as exc:  # handed to the test thread
+                result["error"] = exc
+
+        waiter = threading.Thread(target=duplicate, daemon=True)
+        waiter.start()
+        assert wait_until(lambda: _lock_waiters(run.sql.engine) >= 1), \
+            f"the duplicate never waited on the key: {result}"
+        assert handler.runs == 0 and not result
+        go.touch()
+        run.reap(proc)
+        waiter.join(DEADLINE)
+        assert not waiter.is_alive(), "the duplicate still waits after its holder died"
+        assert "error" not in result, f"the duplicate raised {result['error']!r}"
+        assert handler.runs == 1 and result["value"] is handler.returned[-1]
+        stored = run.record()
+        assert stored is not None and stored.state is State.COMPLETED
+        assert json.loads(stored.result) == result["value"]
+        assert [(r.cents, r.by) for r in run.rows(ledger)] == [(CENTS, "redelivery")]
+        again = handler.deliver(run.msg, run.sql.engine)
+        assert handler.runs == 1 and again == result["value"]
+        if cell.mode == "caller":  # the killed caller's batch went; the duplicates' stayed
+            assert [r.by for r in run.rows(rest)] == ["redelivery", "redelivery"]
+    finally:
+        go.touch()
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        if waiter is not None:
+            waiter.join(DEADLINE)
+        run.close()
