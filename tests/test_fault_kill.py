@@ -29,6 +29,15 @@ What must hold:
 * in every cell the payment is applied (nothing lost), and in transactional mode never
   twice.
 
+A second test kills the holder of a pessimistic claim (PostgreSQL, ``optimistic=False``
+and the caller's transaction) while a duplicate delivery is blocked on its uncommitted
+key: the duplicate must then take the key and run, once.
+
+The SQL stores are module-wide (one SQLite file; one PostgreSQL database on the suite's
+session server, not a ``pg_url`` database per cell) and each cell has its own payment id;
+the Redis cells use a database of the session redis-server and keep their provider table
+in the SQLite file.
+
 Cells that fail because of a library bug are marked ``xfail(strict=True)`` with the bug in
 one line; see `KNOWN_BUGS`.
 """
