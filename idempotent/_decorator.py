@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar, cast
 
@@ -126,6 +127,12 @@ class _Handler:
         self.is_async = inspect.iscoroutinefunction(fn)
         params = inspect.signature(fn).parameters
         self.tx_param = next((p for p in _TX_PARAMS if p in params), None)
+        # the parameters a message may come in by position or by name: a call by name is
+        # made positional, so the key and the fingerprint are the same either way
+        self.positional: tuple[str, ...] = tuple(itertools.takewhile(
+            lambda n: params[n].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+            and n not in _TX_PARAMS,
+            (n for n in params if params[n].kind is not inspect.Parameter.POSITIONAL_ONLY)))
         if self.tx_param is not None and not store.transactional:
             raise TypeError(
                 f"{fn.__qualname__} takes {self.tx_param!r}: transactional mode needs a "
@@ -190,12 +197,28 @@ class _Handler:
         """Pick the mode of this delivery and run the flow."""
         flow, tx_param = self.flow, self.tx_param
         own = kwargs.pop(tx_param, None) if tx_param is not None else None
+        if kwargs and self.positional:
+            args, kwargs = self._by_position(args, kwargs)
         key, fp = self._identify(args, kwargs)
         if tx_param is None:
             return deliver(flow, Lease(flow, key, fp), args, kwargs, call)
         if own is not None:
             return deliver(flow, CallerTransaction(flow, key, fp, own), args, kwargs, call)
         return flow.store_call(key, _own_attempt, flow, key, fp, args, kwargs, call)
+
+    def _by_position(self, args: tuple[Any, ...], kwargs: dict[str, Any]
+                     ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """``(args, kwargs)`` with the leading parameters passed by name moved to their
+        positions (``charge(msg=m)`` is ``charge(m)``), as Python would bind them."""
+        names = self.positional
+        if len(args) >= len(names) or names[len(args)] not in kwargs:
+            return args, kwargs
+        moved, rest = list(args), dict(kwargs)
+        for name in names[len(args):]:
+            if name not in rest:
+                break
+            moved.append(rest.pop(name))
+        return tuple(moved), rest
 
     def _identify(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, str | None]:
         """The stored key and the payload fingerprint of one delivery."""

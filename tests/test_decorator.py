@@ -317,3 +317,23 @@ def test_session_handlers_need_a_sql_store(store: MemoryStore) -> None:
 
         @idempotent(store, key="id")
         def h(msg: dict[str, Any], *, session: Any) -> None: ...
+
+
+def test_a_message_passed_by_keyword_has_the_same_key_and_fingerprint(
+        store: MemoryStore) -> None:
+    """``charge(msg=m)`` finds the key in ``m`` as ``charge(m)`` does, and the two are the
+    same delivery (same fingerprint: no conflict, one run); issue 15 item 3 (was, at
+    70b75f3: MissingIdempotencyKey for the call by keyword)."""
+    runs: list[str] = []
+
+    @idempotent(store, key="payment_id")
+    def charge(msg: dict[str, Any], note: str | None = None) -> str:
+        runs.append(msg["payment_id"])
+        return "charged"
+
+    m = {"payment_id": "p1", "cents": 500}
+    assert charge(msg=m) == "charged"
+    assert charge(m) == "charged"
+    assert runs == ["p1"]
+    with pytest.raises(IdempotencyKeyConflict):  # a keyword the first call lacked
+        charge(msg=m, note="other")
