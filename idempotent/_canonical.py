@@ -3,6 +3,30 @@
 Two payloads that mean the same (dict order, tuple vs list, a dataclass vs its dict) give
 the same bytes; anything that cannot be encoded deterministically is refused, never
 guessed at with ``repr``.
+
+What each value becomes (these encodings are stored in every record's fingerprint, so they
+never change between versions):
+
+* JSON's own types as JSON; a mapping as an object, a sequence as an array;
+* a dataclass: its fields (``dataclasses.fields``); a pydantic v2 model:
+  ``model_dump(mode="json")``;
+* ``bytes``: ``{"$bytes": base64}``; ``Decimal``: ``{"$decimal": str}``; datetime, date
+  and time: ISO 8601; ``UUID``: its text; an ``Enum``: its value; a set: its members'
+  canonical texts, sorted;
+* any other object of a class written in Python: an object of EVERY attribute it holds,
+  private ones (``_cents``) included: those of its ``__dict__`` and the ``__slots__`` that
+  are set. An object with public attributes only encodes as it always did; one with a
+  private attribute now includes it (before issue 15 such payloads gave one fingerprint for
+  different data, and a reused key replayed instead of raising a conflict).
+
+Refused with a `TypeError` that names the type and says to pass ``fingerprint=`` (field
+names, or a callable returning JSON-compatible data), because their data is not in their
+attributes or is not theirs to fingerprint: an object with neither ``__dict__`` nor slots
+(``object()``), an instance of a type written in C or of a class derived from one (files
+and other ``io`` objects, generators, functions, exceptions, sockets, locks...),
+``email.message.Message`` (headers and payload are kept in private structures with
+policies and defects; fingerprint ``m.as_bytes()`` or the fields that matter) and
+``pathlib`` paths (their slots are caches; fingerprint ``str(path)``).
 """
 
 from __future__ import annotations
@@ -14,6 +38,7 @@ import decimal
 import enum
 import hashlib
 import json
+import sys
 import uuid
 from collections.abc import Callable, Mapping, Set
 from typing import Any
@@ -39,12 +64,54 @@ def _default(obj: Any) -> Any:
     model_dump = getattr(obj, "model_dump", None)  # pydantic v2
     if callable(model_dump):
         return model_dump(mode="json")
-    if hasattr(obj, "__dict__"):
-        return {k: v for k, v in vars(obj).items() if not k.startswith("_")}
-    raise TypeError(
-        f"cannot fingerprint a {type(obj).__qualname__}: pass fingerprint= (field names "
-        "or a callable returning JSON-compatible data), or fingerprint=False"
+    return _attributes(obj)
+
+
+#: ``type.__flags__`` bit of a class made at run time (every class written in Python).
+_HEAPTYPE = 1 << 9
+
+
+def _refuse(obj: Any, why: str) -> TypeError:
+    return TypeError(
+        f"cannot fingerprint a {type(obj).__module__}.{type(obj).__qualname__}: {why}; "
+        "pass fingerprint= (field names or a callable returning JSON-compatible data), "
+        "or fingerprint=False"
     )
+
+
+def _attributes(obj: Any) -> dict[Any, Any]:
+    """Every attribute of a plain object (``__dict__`` and set slots), or a TypeError for
+    an object whose data the attributes do not hold (see the module docstring)."""
+    cls = type(obj)
+    for base in cls.__mro__[:-1]:  # every class but object
+        if not base.__flags__ & _HEAPTYPE:
+            raise _refuse(obj, f"its data is kept by {base.__qualname__}, a type written "
+                               "in C, not in attributes")
+    message = sys.modules.get("email.message")
+    if message is not None and isinstance(obj, message.Message):
+        raise _refuse(obj, "a message keeps its headers and payload in private structures "
+                           "(fingerprint m.as_bytes(), or the fields that matter)")
+    pathlib = sys.modules.get("pathlib")
+    if pathlib is not None and isinstance(obj, pathlib.PurePath):
+        raise _refuse(obj, "a path's slots are caches (fingerprint str(path))")
+    has_dict = hasattr(obj, "__dict__")
+    out: dict[Any, Any] = dict(vars(obj)) if has_dict else {}
+    slotted = False
+    for base in cls.__mro__[:-1]:
+        slots = base.__dict__.get("__slots__", ())
+        for name in (slots,) if isinstance(slots, str) else slots:
+            if name in ("__dict__", "__weakref__"):
+                continue
+            slotted = True
+            if name.startswith("__") and not name.endswith("__"):
+                name = f"_{base.__name__.lstrip('_')}{name}"  # as Python mangles it
+            try:
+                out[name] = base.__dict__[name].__get__(obj, cls)
+            except (AttributeError, KeyError):  # a slot not set: no attribute
+                continue
+    if not has_dict and not slotted:
+        raise _refuse(obj, "it has no attributes (no __dict__, no __slots__)")
+    return out
 
 
 def one_shot(encoder: json.JSONEncoder) -> Callable[[Any], str]:

@@ -97,3 +97,56 @@ def test_unencodable_payloads_are_refused_with_a_hint() -> None:
         fingerprint({"f": object()})
     with pytest.raises(ValueError):
         fingerprint(float("nan"))
+
+
+def test_encodings_that_fingerprints_are_stored_under_never_change() -> None:
+    """The canonical text of what was accepted before issue 15 (dataclasses, enums, plain
+    objects with public attributes only, nested) is pinned: a change would make every
+    stored record conflict after an upgrade."""
+    import enum
+
+    @dataclasses.dataclass
+    class Pay:
+        account: str
+        cents: int
+        _note: str = "n"
+
+    class Kind(enum.Enum):
+        CARD = "card"
+
+    class Msg:
+        def __init__(self) -> None:
+            self.id = "m-1"
+            self.pay = Pay("acc", 5)
+            self.kind = Kind.CARD
+
+    assert canonical_json(Pay("acc", 5)) == '{"_note":"n","account":"acc","cents":5}'
+    assert canonical_json([Msg(), (1, 2)]) == (
+        '[{"id":"m-1","kind":"card","pay":{"_note":"n","account":"acc","cents":5}},[1,2]]')
+    mixed = [Msg(), (1, 2), {"d": decimal.Decimal("1.10"), "u": uuid.UUID(int=3),
+                             "t": dt.date(2026, 1, 2), "b": b"\x01", "s": {3, 1},
+                             "f": frozenset({"x"})}]
+    # computed by the encoding of commit f4f447a (before issue 15's change)
+    assert fingerprint(mixed) == (
+        "7fc8171d7b311f09da3dacc822d675811c4f8ed20094676243369cb753ef23f7")
+
+
+def test_private_attributes_and_slots_are_encoded() -> None:
+    """Every attribute of a plain object counts, private and slotted (mangled names as
+    Python stores them); unset slots are absent; C-level data is refused."""
+
+    class Money:
+        __slots__ = ("__cents", "currency")
+
+        def __init__(self, cents: int) -> None:
+            self.__cents = cents
+
+    class Account:
+        def __init__(self) -> None:
+            self._balance = 3
+
+    assert canonical_json(Money(5)) == '{"_Money__cents":5}'
+    assert canonical_json(Account()) == '{"_balance":3}'
+    assert fingerprint(Money(5)) != fingerprint(Money(6))
+    with pytest.raises(TypeError, match=r"ValueError.*fingerprint="):
+        fingerprint(ValueError("x"))

@@ -756,17 +756,32 @@ class RedisStore(Store):
         return head
 
     def _split(self, name: bytes) -> tuple[str, str] | None:
-        """(namespace, key) of a key name, or None if it is not one of ours. (Names are
-        read with ``surrogatepass``: an older version stored lone surrogates.)"""
-        if not name.startswith(self._prefix):
+        """(namespace, key) of a key name, or None if it is not exactly one this store
+        writes: ``<prefix>:<n>:<namespace>:<key>`` with ``n`` the namespace's length in
+        bytes (decimal, no sign, no leading zero), namespace and key valid UTF-8 of 1 to
+        `MAX_KEY_LENGTH` characters without NUL. (Names are read with ``surrogatepass``:
+        an older version stored lone surrogates.) Purge and stats skip every other name,
+        so a store whose prefix merely starts with this one's (``idem:orders`` beside
+        ``idem``) is never touched; see `_scan` for the prefixes that stay apart."""
+        prefix = self._prefix
+        if not name.startswith(prefix):
             return None
-        rest = name[len(self._prefix):]
-        size, colon, rest = rest.partition(b":")
-        if not colon or not size.isdigit() or rest[int(size):int(size) + 1] != b":":
+        size, colon, rest = name[len(prefix):].partition(b":")
+        if (not colon or not size.isdigit() or not size.isascii() or size[:1] == b"0"
+                or len(size) > 4):
             return None
         n = int(size)
-        return (rest[:n].decode("utf-8", "surrogatepass"),
-                rest[n + 1:].decode("utf-8", "surrogatepass"))
+        if len(rest) < n + 2 or rest[n:n + 1] != b":":
+            return None
+        try:
+            namespace = rest[:n].decode("utf-8", "surrogatepass")
+            key = rest[n + 1:].decode("utf-8", "surrogatepass")
+        except UnicodeDecodeError:
+            return None
+        for text in (namespace, key):
+            if len(text) > MAX_KEY_LENGTH or "\x00" in text:
+                return None
+        return namespace, key
 
     # -- running scripts ----------------------------------------------------------------
     def _eval(self, script: _Script, numkeys: int, *args: Any) -> Any:
@@ -1040,15 +1055,30 @@ class RedisStore(Store):
 
     # -- operations (SCAN, never KEYS) ---------------------------------------------------
     def _pattern(self, namespace: str | None) -> bytes:
-        head = self._prefix if namespace is None else self._head(namespace)
-        return bytes(_glob_escape(head)) + b"*"
+        """The SCAN pattern: ``<prefix>:[1-9]*`` (a record's name always has the length
+        of its namespace there), or ``<prefix>:<n>:<namespace>:*`` for one namespace."""
+        if namespace is None:
+            return bytes(_glob_escape(self._prefix)) + b"[1-9]*"
+        return bytes(_glob_escape(self._head(namespace))) + b"*"
 
     def _scan(self, namespace: str | None, batch: int) -> Iterator[list[bytes]]:
-        """The key names under the prefix (of one namespace), ``batch`` at a time. A
-        record that lives through the whole scan is seen at least once (SCAN's promise)."""
+        """This store's record names (of one namespace), ``batch`` at a time. A record
+        that lives through the whole scan is seen at least once (SCAN's promise).
+
+        A name the pattern matches is kept only if `_split` reads it back exactly (and,
+        for one namespace, as that namespace); anything else is skipped, never purged nor
+        counted. So two stores on one database stay apart when neither prefix is the
+        other's followed by ``:<digits>`` and then ``:`` or its end: ``idem`` beside
+        ``idem:orders``, ``idem:v2``, ``idem:5x``, ``idem2`` or ``{idem}`` is safe;
+        ``idem`` beside ``idem:12`` or ``idem:3:x`` is not (their names can be the very
+        same Redis keys, for every operation, not only a scan: do not use such pairs)."""
         found: Any = self.client.scan_iter(match=self._pattern(namespace), count=batch)
         names: list[bytes] = []
+        split = self._split
         for name in _iterate(found) if self.is_async else found:
+            parts = split(name)
+            if parts is None or (namespace is not None and parts[0] != namespace):
+                continue
             names.append(name)
             if len(names) >= batch:
                 yield names
@@ -1059,7 +1089,8 @@ class RedisStore(Store):
     def _purge(
         self, now: float, older_than: float | None, namespace: str | None, batch: int
     ) -> int:
-        """SCAN the prefix, and per ``batch`` names one script call per slot (pipelined)
+        """SCAN this store's names (`_scan`: never another store's, whatever prefix it
+        shares), and per ``batch`` names one script call per slot (pipelined)
         that re-checks each record and deletes it atomically (rule PURGEABLE, on the time
         of the node that holds it, read by the script itself unless a clock is injected).
         Native expiry removes most records before a purge sees them."""
@@ -1073,7 +1104,8 @@ class RedisStore(Store):
         return total
 
     def _stats(self, now: float, namespace: str | None) -> StoreStats:
-        """SCAN the prefix; per batch one pipelined ``HMGET`` per record; expired means
+        """SCAN this store's names (`_scan`); per batch one pipelined ``HMGET`` per
+        record (a reply that is not a record of this format is skipped); expired means
         past ``now``, the store's time when the walk began."""
         counts: dict[tuple[str, State], list[int]] = {}
         oldest: tuple[float, str, str, bytes] | None = None
