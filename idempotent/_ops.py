@@ -115,9 +115,11 @@ def _existing_sqlite(parsed: Any) -> None:
 
 
 def open_store(args: argparse.Namespace) -> Store:
-    """The store of ``--url``, as the library opens it; SQL URLs are checked first, and
-    take ``--table``/``--schema`` for a records table not of the default name."""
+    """The store of ``--url``, as the library opens it, except that a SQLite file keeps
+    its journal mode; SQL URLs are checked first, and take ``--table``/``--schema`` for a
+    records table not of the default name."""
     from .stores import open_store as open_any
+    from .stores.sql import SqlStore
 
     url = url_of(args)
     sql = {k: v for k, v in (("table", args.table), ("schema", args.schema)) if v is not None}
@@ -127,19 +129,28 @@ def open_store(args: argparse.Namespace) -> Store:
         return open_any(url)
     parsed = _sql_url(url)
     _existing_sqlite(parsed)
-    return open_any(parsed.render_as_string(hide_password=False), **sql,
-                    **_engine_options(parsed))
+    return SqlStore(_plain_engine(parsed), **sql)
+
+
+def _plain_engine(parsed: Any) -> Any:
+    """An engine without the store's connect hooks. A `SqlStore` made from a SQLite URL
+    switches the file to WAL journal mode, which persists in the file; the commands are
+    run against an application's database and must not change how it journals (the
+    store works in either mode), so they open the engine themselves."""
+    import sqlalchemy as sa
+
+    options = _engine_options(parsed)
+    if parsed.get_backend_name() == "sqlite":  # the store's busy timeout
+        options["connect_args"] = {"timeout": 5.0}
+    return sa.create_engine(parsed, poolclass=sa.NullPool, **options)
 
 
 def sql_engine(url: str) -> Any:
     """An engine for the ``db`` commands (SQL only: Redis keeps no schema)."""
-    import sqlalchemy as sa
-
     if url.partition("://")[0].lower() in ("redis", "rediss", "unix"):
         raise CommandError("db commands are for SQL databases; a Redis store needs no schema",
                            2)
-    parsed = _sql_url(url)
-    return sa.create_engine(parsed, poolclass=sa.NullPool, **_engine_options(parsed))
+    return _plain_engine(_sql_url(url))
 
 
 def _describe(exc: BaseException, store: Store | None) -> CommandError:
@@ -226,6 +237,14 @@ def _emit(args: argparse.Namespace, doc: dict[str, Any], text: str) -> None:
     print(json.dumps(doc, indent=2) if args.json else text)
 
 
+def namespace_of(text: str | None) -> str | None:
+    """``--namespace``/``NAMESPACE`` as the store holds it: a name over the column is
+    hashed, as the decorator does (`idempotent.keys.fit`)."""
+    from ._keys import fit
+
+    return None if text is None else fit(text)
+
+
 def _known_namespace(store: Store, namespace: str) -> None:
     if not store.stats(namespace).counts:
         raise CommandError(f"unknown namespace {namespace!r}: the store holds no records of it")
@@ -256,18 +275,24 @@ def run_db(args: argparse.Namespace, opened: list[Store]) -> int:
             _emit(args, {"url": shown, "current": list(now), "head": list(heads)},
                   f"{shown}: {_revs(now)} ({state})")
             return 0
-        if args.action == "upgrade":
-            done = _migrate.upgrade(engine, args.revision)
-        else:
-            done = _migrate.downgrade(engine, args.revision)
+        run = {"upgrade": _migrate.upgrade, "downgrade": _migrate.downgrade,
+               "stamp": _migrate.stamp}[args.action]
+        done = run(engine, args.revision)
+    except _migrate.AdoptionError as exc:
+        raise CommandError(str(exc)) from None
     finally:
         engine.dispose()
-    verb = "upgraded" if args.action == "upgrade" else "downgraded"
-    text = (f"{shown}: already at {_revs(done.after)}; nothing to do"
-            if done.before == done.after
-            else f"{shown}: {verb} {_revs(done.before)} -> {_revs(done.after)}")
+    verb = {"upgrade": "upgraded", "downgrade": "downgraded", "stamp": "stamped"}[args.action]
+    if done.adopted:
+        text = (f"{shown}: adopted the existing table {_migrate.records_table_name()} "
+                f"(it matches the model; nothing was created): stamped "
+                f"{_revs(done.before)} -> {_revs(done.after)}")
+    elif done.before == done.after:
+        text = f"{shown}: already at {_revs(done.after)}; nothing to do"
+    else:
+        text = f"{shown}: {verb} {_revs(done.before)} -> {_revs(done.after)}"
     _emit(args, {"url": shown, "before": list(done.before), "after": list(done.after),
-                 "head": list(heads)}, text)
+                 "head": list(heads), "adopted": done.adopted}, text)
     return 0
 
 
@@ -335,17 +360,17 @@ def run_inspect(args: argparse.Namespace, opened: list[Store]) -> int:
 def run_purge(args: argparse.Namespace, opened: list[Store]) -> int:
     store = open_store(args)
     opened.append(store)
-    if args.namespace is not None:
-        _known_namespace(store, args.namespace)
+    namespace = namespace_of(args.namespace)
+    if namespace is not None:
+        _known_namespace(store, namespace)
     started = time.perf_counter()
-    deleted = store.purge(older_than=args.older_than, namespace=args.namespace,
-                          batch=args.batch)
+    deleted = store.purge(older_than=args.older_than, namespace=namespace, batch=args.batch)
     seconds = time.perf_counter() - started
     what = "expired records" if args.older_than is None else (
         f"records expired or created over {human(args.older_than)} ago")
-    where = "every namespace" if args.namespace is None else f"namespace {args.namespace!r}"
+    where = "every namespace" if namespace is None else f"namespace {namespace!r}"
     _emit(args, {"deleted": deleted, "older_than": args.older_than,
-                 "namespace": args.namespace, "batch": args.batch,
+                 "namespace": namespace, "batch": args.batch,
                  "seconds": round(seconds, 3)},
           f"deleted {deleted:,} {what if deleted != 1 else what.replace('records', 'record')} "
           f"in {where} ({seconds:.2f} s, batches of "
@@ -390,10 +415,11 @@ def _stats_text(doc: dict[str, Any]) -> str:
 def run_stats(args: argparse.Namespace, opened: list[Store]) -> int:
     store = open_store(args)
     opened.append(store)
-    stats = store.stats(args.namespace)
-    if args.namespace is not None and not stats.counts:
+    namespace = namespace_of(args.namespace)
+    stats = store.stats(namespace)
+    if namespace is not None and not stats.counts:
         raise CommandError(
-            f"unknown namespace {args.namespace!r}: the store holds no records of it")
+            f"unknown namespace {namespace!r}: the store holds no records of it")
     doc = stats_doc(stats, store.now())
     _emit(args, doc, _stats_text(doc))
     return 0

@@ -27,6 +27,22 @@ def _positive(text: str) -> int:
     return value
 
 
+#: The largest ``purge --batch``: one transaction of a million deletes is already long;
+#: beyond it a database's integer bind overflows (SQLite: OverflowError).
+MAX_BATCH = 1_000_000
+
+
+def _batch(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a whole number (1 to {MAX_BATCH:,})") from None
+    if not 1 <= value <= MAX_BATCH:
+        raise argparse.ArgumentTypeError(f"must be from 1 to {MAX_BATCH:,}, not {text}")
+    return value
+
+
 def _add_demo(sub: Any) -> None:
     p = sub.add_parser(
         "demo",
@@ -84,7 +100,9 @@ def _add_db(sub: Any) -> None:
         "db", help="create or migrate the records table (Alembic)",
         description="Run idempotent's own Alembic history against a SQL database. It "
         "records itself in its own version table, idempotent_alembic_version, so it never "
-        "meets your application's Alembic history.")
+        "meets your application's Alembic history. upgrade adopts a records table made by "
+        "SqlStore.create_schema() when it matches the model (it stamps the revision "
+        "instead of creating the table).")
     actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     up = actions.add_parser("upgrade", help="migrate to REVISION (default: the newest)")
     up.add_argument("revision", nargs="?", default="heads", metavar="REVISION")
@@ -92,7 +110,14 @@ def _add_db(sub: Any) -> None:
                               help="migrate down to REVISION (base drops the table)")
     down.add_argument("revision", metavar="REVISION")
     current = actions.add_parser("current", help="show the revision the database is at")
-    for action in (up, down, current):
+    stamp = actions.add_parser(
+        "stamp", help="record REVISION (default: the newest) without running anything",
+        description="Record REVISION in idempotent_alembic_version without running its "
+        "migration: for a records table that already exists (made by "
+        "SqlStore.create_schema(), or by hand) and that you have checked is that "
+        "revision's. base forgets every revision and drops nothing.")
+    stamp.add_argument("revision", nargs="?", default="heads", metavar="REVISION")
+    for action in (up, down, current, stamp):
         _store_options(action)
         action.set_defaults(sql=False, run=_ops.run_db)
     for action in (up, down):
@@ -139,8 +164,9 @@ def _add_purge(sub: Any) -> None:
                    help="also delete records created more than AGE ago, e.g. 7d, 12h, 30m, "
                    "90 (seconds)")
     p.add_argument("--namespace", metavar="NS", help="only this namespace")
-    p.add_argument("--batch", type=_positive, default=1000, metavar="N",
-                   help="records per transaction (default: %(default)s)")
+    p.add_argument("--batch", type=_batch, default=1000, metavar="N",
+                   help=f"records per transaction, 1 to {MAX_BATCH:,} "
+                   "(default: %(default)s)")
 
 
 def _add_stats(sub: Any) -> None:

@@ -188,7 +188,7 @@ def _has_tqdm() -> bool:
 
 
 @contextlib.contextmanager
-def _database(db: str | None, url: str | None) -> Iterator[tuple[str, str]]:
+def _database(db: str | None, url: str | None) -> Iterator[tuple[str | sa.URL, str]]:
     """The SQLAlchemy URL to use and how to name it; a fresh temporary SQLite file
     (removed afterwards) unless told otherwise."""
     if url is not None:
@@ -196,13 +196,20 @@ def _database(db: str | None, url: str | None) -> Iterator[tuple[str, str]]:
         return
     if db is not None:
         path = Path(db).resolve()
-        yield f"sqlite:///{path}", f"SQLite file {path}"
+        yield sqlite_file_url(path), f"SQLite file {path}"
         return
     tmp = tempfile.mkdtemp(prefix="idempotent-demo-")
     try:
-        yield f"sqlite:///{tmp}/demo.db", "SQLite, temporary file (embedded, WAL)"
+        yield sqlite_file_url(Path(tmp, "demo.db")), "SQLite, temporary file (embedded, WAL)"
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def sqlite_file_url(path: Path) -> sa.URL:
+    """The SQLite URL of exactly the file ``path``: built, not written out as text, so
+    that ``?``, ``#`` and ``%41`` in a file name stay part of the name instead of being
+    read as a URL's query, fragment or escapes."""
+    return sa.URL.create("sqlite", database=str(path))
 
 
 def make_stream(payments: int, rng: random.Random) -> tuple[list[dict[str, Any]], int]:
