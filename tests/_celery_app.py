@@ -22,7 +22,13 @@ called):
   ``psp_calls``; the "provider" keeps one charge per idempotency key (``psp_charges``);
 * ``t.charge_redis``: the same on a `RedisStore` (``IDEMPOTENT_CELERY_REDIS_STORE``);
 * ``t.unreachable``: idempotent, its store a PostgreSQL nobody listens on (StoreUnavailable);
-* ``t.plain_apply``: the same ledger insert as a plain ``acks_late`` task.
+* ``t.plain_apply``: the same ledger insert as a plain ``acks_late`` task;
+* ``t.poison``: lease mode, ``autoretry_for=(ValueError,)``, ``max_retries=2``, no delay;
+  every run logs a call in ``psp_calls``; a payment with ``poison`` raises ValueError;
+* ``t.scoped``: transactional, keyed by the invoice's ``number``, scoped by its ``tenant``;
+* ``t.apply_soft`` / ``t.charge_soft``: ``t.apply_payment`` / ``t.charge`` with a
+  ``soft_time_limit`` of 1 s (a payment with ``hold`` beyond it raises
+  SoftTimeLimitExceeded inside the body).
 
 A payment may carry ``hold`` (seconds the body sleeps after its write) and ``hang_once``
 (the first run leaves a mark named after its pid and sleeps until killed; later runs go on).
@@ -171,3 +177,37 @@ def plain_apply(payment: dict[str, Any]) -> dict[str, Any]:
         c.execute(ledger.insert(), _row(payment, "plain_apply"))
     _hold_or_hang(payment)
     return {"applied": payment["payment_id"], "cents": payment["cents"]}
+
+
+@idempotent_task(app, store, key="payment_id", lease=LEASE, autoretry_for=(ValueError,),
+                 max_retries=2, retry_backoff=False, default_retry_delay=0, name="t.poison")
+def poison(payment: dict[str, Any]) -> dict[str, Any]:
+    """A task with its own retry budget (autoretry_for, max_retries=2)."""
+    with engine.begin() as c:
+        c.execute(psp_calls.insert(), {"idem_key": current_key(), "pid": os.getpid()})
+    if payment.get("poison"):
+        raise ValueError(f"poison message {payment['payment_id']}")
+    return {"ok": payment["payment_id"]}
+
+
+@idempotent_task(app, store, key="number", scope=lambda invoice, **_: invoice["tenant"],
+                 name="t.scoped")
+def scoped(invoice: dict[str, Any], connection: sa.Connection) -> dict[str, Any]:
+    """One ledger row per (tenant, invoice number): ``payment_id`` the number, ``account``
+    the tenant."""
+    connection.execute(ledger.insert(), {
+        "payment_id": invoice["number"], "account": invoice["tenant"],
+        "cents": invoice["cents"], "task": "scoped", "pid": os.getpid()})
+    return {"tenant": invoice["tenant"], "number": invoice["number"],
+            "cents": invoice["cents"]}
+
+
+@idempotent_task(app, store, key="payment_id", soft_time_limit=1, name="t.apply_soft")
+def apply_soft(payment: dict[str, Any], connection: sa.Connection) -> dict[str, Any]:
+    connection.execute(ledger.insert(), _row(payment, "apply_soft"))
+    _hold_or_hang(payment)
+    return {"applied": payment["payment_id"], "cents": payment["cents"]}
+
+
+charge_soft = idempotent_task(app, store, key="payment_id", lease=LEASE, soft_time_limit=1,
+                              name="t.charge_soft")(_charge)
