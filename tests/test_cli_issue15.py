@@ -103,13 +103,14 @@ def _delete_mode_app_db(path: Path, *, with_table: bool) -> str:
 
 @pytest.mark.parametrize("argv", [
     ["stats"], ["stats", "--namespace", "nope"], ["inspect", "ns", "k"],
-    ["inspect", "nope", "k", "--json"],
+    ["inspect", "nope", "k", "--json"], ["purge"],
 ])
 @pytest.mark.parametrize("with_table", [True, False])
 def test_read_only_commands_keep_the_journal_mode(
     argv: list[str], with_table: bool, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Found, not found, or no table at all: the file stays in DELETE mode."""
+    """Found, not found, or no table at all: the file stays in DELETE mode (purge, which
+    writes, does not change it either)."""
     path = tmp_path / "app.db"
     url = _delete_mode_app_db(path, with_table=with_table)
     run(capsys, *argv, "--url", url)
