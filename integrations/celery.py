@@ -55,7 +55,6 @@ import functools
 import inspect
 import os
 import random
-import sys
 import uuid
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar, cast
@@ -63,7 +62,7 @@ from typing import Any, TypeVar, cast
 try:
     # celery ships no type hints
     from celery import Celery, Task  # type: ignore[import-untyped]
-    from celery.exceptions import Reject  # type: ignore[import-untyped]
+    from celery.exceptions import Reject, Retry  # type: ignore[import-untyped]
     from celery.result import AsyncResult  # type: ignore[import-untyped]
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
@@ -83,6 +82,8 @@ from idempotent.exceptions import (
 from idempotent.keys import canonical_json
 
 __all__ = [
+    "RETRIES_HEADER",
+    "STORE_RETRIES_HEADER",
     "TASK_ID_NAMESPACE",
     "IdempotentTask",
     "idempotent_task",
@@ -100,8 +101,12 @@ _TX_PARAMS = ("session", "connection")
 #: The pid that imported this module: a pool child forked from it inherited the store's
 #: connection pool and must not use those connections (they belong to the parent).
 _IMPORT_PID = os.getpid()
-#: "No limit" for ``Task.retry(max_retries=...)``, where None means the task's own limit.
-_UNLIMITED = sys.maxsize
+#: The message header that counts our retries of a message (`AlreadyInProgress`,
+#: `LeaseLost`, `StoreUnavailable`), kept apart from Celery's ``request.retries``, which
+#: counts only the task's own retries (``self.retry``, ``autoretry_for``).
+RETRIES_HEADER = "idempotent_retries"
+#: The header that counts the `StoreUnavailable` retries among them (``store_retries``).
+STORE_RETRIES_HEADER = "idempotent_store_retries"
 
 StoreSpec = Store | Callable[[], Store]
 
@@ -175,6 +180,9 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
 
     def _deliver(self, handler: Callable[..., Any], args: tuple[Any, ...],
                  kwargs: dict[str, Any]) -> Any:
+        # a message passed by keyword is the message passed by position: one key, one
+        # fingerprint (and send_once derives its task id the same way)
+        args, kwargs = _by_position(self._idempotent_params, args, kwargs)
         try:
             return handler(*args, **kwargs)
         except AlreadyInProgress as exc:
@@ -182,38 +190,61 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
             # soon, and a retry that finds the key done is cheap (a stored result): come
             # back after 1, 2, 4 ... x backoff, never later than the lease's end
             countdown = min(max(exc.retry_after, 0.1), self._backoff()) * random.uniform(1.0, 1.5)
-            raise self._retry_later(exc, countdown, None) from exc
+            raise self._retry_later(exc, countdown) from exc
         except LeaseLost as exc:
             # our lease ran out and another delivery took the key over: its result is the
             # one that counts; come back for it rather than report a failure
             countdown = self.idempotency_backoff * random.uniform(1.0, 1.5)
-            raise self._retry_later(exc, countdown, None) from exc
+            raise self._retry_later(exc, countdown) from exc
         except StoreUnavailable as exc:
             countdown = self._backoff() * random.uniform(0.5, 1.0)
-            raise self._retry_later(exc, countdown, self.idempotency_store_retries) from exc
+            raise self._retry_later(exc, countdown, store=True) from exc
 
     def _backoff(self) -> float:
-        """backoff x 2^retries of this message, at most backoff_max seconds."""
-        n = min(self.request.retries or 0, 30)
+        """backoff x 2^(our retries of this message), at most backoff_max seconds."""
+        n = min(_header_count(self.request, RETRIES_HEADER), 30)
         return float(min(self.idempotency_backoff * 2.0**n, self.idempotency_backoff_max))
 
-    def _retry_later(self, exc: Exception, countdown: float, limit: int | None) -> Exception:
-        """``self.retry`` with our own limit; a failed publish requeues the message instead
-        of Celery's default (reject without requeue, which drops it)."""
-        if self.request.called_directly or self.request.is_eager:
+    def _retry_later(self, exc: Exception, countdown: float, *, store: bool = False
+                     ) -> Exception:
+        """Publish this message again (same task id, arguments and options) after
+        ``countdown`` seconds, counted in our own headers.
+
+        Not ``self.retry``: that advances ``request.retries``, which the task's own
+        ``max_retries``/``autoretry_for`` budget reads, and ``retry(max_retries=...)``
+        stays on the task object (``override_max_retries``) for every later message the
+        process runs. A failed publish requeues the message instead of Celery's default
+        (reject without requeue, which drops it)."""
+        request = self.request
+        if request.called_directly or request.is_eager:
             # no worker (a direct call, apply(), task_always_eager): Celery would run the
             # retry at once, recursively and without the countdown; raise the error instead
             return exc
-        max_retries = _UNLIMITED if limit is None else limit
+        ours = _header_count(request, RETRIES_HEADER)
+        store_retries = _header_count(request, STORE_RETRIES_HEADER)
+        if store:
+            limit = self.idempotency_store_retries
+            if limit is not None and store_retries >= limit:
+                return exc  # the store stayed down: FAILURE with StoreUnavailable
+            store_retries += 1
+        headers = {**(request.headers or {}), RETRIES_HEADER: ours + 1,
+                   STORE_RETRIES_HEADER: store_retries}
+        sig = self.signature_from_request(request, countdown=countdown, headers=headers)
         try:
-            self.retry(exc=exc, countdown=countdown, max_retries=max_retries)
-        except Reject as rejected:
-            if not rejected.requeue:  # the retry could not be published
-                return cast(Exception, Reject(rejected.reason, requeue=True))
-            return cast(Exception, rejected)
-        except Exception as raised:  # Retry (the normal case) or the exhausted exc
-            return raised
-        return exc  # pragma: no cover - retry() always raises with throw=True
+            sig.apply_async()
+        except Exception as failed:  # the retry could not be published: requeue
+            return cast(Exception, Reject(failed, requeue=True))
+        # what self.retry raises: the worker logs "retry: Retry in ...", stores RETRY
+        # and acks this message (its copy is published)
+        return cast(Exception, Retry(exc=exc, when=countdown, sig=sig))
+
+    @property
+    def _idempotent_params(self) -> tuple[tuple[str, bool], ...]:
+        params: tuple[tuple[str, bool], ...] | None = self.__dict__.get("_params_cache")
+        if params is None:
+            params = _leading_params(self.run)
+            self.__dict__["_params_cache"] = params
+        return params
 
     def _handler(self) -> Callable[..., Any]:
         """The task body wrapped by `idempotent`, built once per process."""
@@ -267,7 +298,30 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
         if spec is None:
             raise TypeError(f"{self.name} is keyed by its task id; pass send_once(key=...)")
         extract = spec if callable(spec) else _argument(self.run, spec)
-        return extract(*args, **dict(kwargs or {}))
+        a, kw = _by_position(self._idempotent_params, tuple(args), dict(kwargs or {}))
+        return extract(*a, **kw)
+
+    def scope_key(self, args: tuple[Any, ...] = (), kwargs: Mapping[str, Any] | None = None
+                  ) -> str | None:
+        """The scope (tenant, client) of a call with these arguments, as the task's
+        idempotency uses it (``scope=`` of ``idempotency_options``); None for a task
+        without a scope. `MissingIdempotencyKey` when the scope gives nothing."""
+        scope = self._scope_spec()
+        if scope is None:
+            return None
+        a, kw = _by_position(self._idempotent_params, tuple(args), dict(kwargs or {}))
+        text = _keys.as_key_text(scope(*a, **kw))
+        if text is None:
+            raise MissingIdempotencyKey(
+                f"{self.name}: no scope (the scope function gave nothing); nothing was sent",
+                namespace=self.name)
+        _keys.check_text("scope", text)
+        return text
+
+    def _scope_spec(self) -> Callable[..., Any] | None:
+        options = self._setting("idempotency_options") or {}
+        scope: Callable[..., Any] | None = options.get("scope")
+        return scope
 
 
 def _without(check: Callable[..., Any], names: list[str]) -> Callable[..., Any]:
@@ -275,6 +329,47 @@ def _without(check: Callable[..., Any], names: list[str]) -> Callable[..., Any]:
     def check_call(*args: Any, **kwargs: Any) -> Any:
         return check(*args, **{**dict.fromkeys(names), **kwargs})
     return check_call
+
+
+def _leading_params(run: Callable[..., Any]) -> tuple[tuple[str, bool], ...]:
+    """The leading parameters of ``run`` a message can fill by position, up to the first
+    ``session``/``connection``: (name, may also come by keyword)."""
+    try:
+        params = inspect.signature(run).parameters.values()
+    except (TypeError, ValueError):
+        return ()
+    out = []
+    for p in params:
+        if p.name in _TX_PARAMS or p.kind not in (
+                inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD):
+            break
+        out.append((p.name, p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD))
+    return tuple(out)
+
+
+def _by_position(params: tuple[tuple[str, bool], ...], args: tuple[Any, ...],
+                 kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """``(args, kwargs)`` with the leading parameters given by name moved to their
+    positions, as Python binds them: ``apply(payment=p)`` is ``apply(p)``."""
+    if not kwargs or len(args) >= len(params):
+        return args, kwargs
+    moved, rest = list(args), dict(kwargs)
+    for name, by_keyword in params[len(args):]:
+        if not by_keyword or name not in rest:
+            break
+        moved.append(rest.pop(name))
+    return tuple(moved), rest
+
+
+def _header_count(request: Any, name: str) -> int:
+    """One of our retry counters from the message headers (0 when absent)."""
+    value = (getattr(request, "headers", None) or {}).get(name)
+    if value is None:  # older Celery: custom headers only as request attributes
+        value = getattr(request, name, None)
+    try:
+        return max(int(value or 0), 0)
+    except (TypeError, ValueError):
+        return 0
 
 
 def _argument(run: Callable[..., Any], name: str) -> Callable[..., Any]:
@@ -358,15 +453,29 @@ def idempotent_task(
     return decorate
 
 
-def task_id_for(task: Task | str, key: Any) -> str:
-    """The task id a business key maps to: UUID5 of (task name, key). Stable across
-    processes, machines and releases."""
+def task_id_for(task: Task | str, key: Any, *, scope: Any = None) -> str:
+    """The task id a business key maps to: UUID5 of (task name, key), or of (task name,
+    key, scope) for a scoped task, so two tenants' ``inv-1`` are two task ids. Stable
+    across processes, machines and releases.
+
+    A task whose idempotency has a ``scope`` needs ``scope=`` here (a `TypeError`
+    otherwise); `send_once` takes it from the arguments, with the task's own scope
+    function."""
     name = task if isinstance(task, str) else task.name
     text = _keys.as_key_text(key)
     if text is None:
         raise MissingIdempotencyKey(
             f"{name}: no business key to derive a task id from", namespace=name)
-    return str(uuid.uuid5(TASK_ID_NAMESPACE, canonical_json([name, text])))
+    if scope is None:
+        if isinstance(task, IdempotentTask) and task._scope_spec() is not None:
+            raise TypeError(
+                f"{name} is scoped: pass task_id_for(task, key, scope=...), or use "
+                "send_once, which takes the scope from the arguments")
+        return str(uuid.uuid5(TASK_ID_NAMESPACE, canonical_json([name, text])))
+    scope_text = _keys.as_key_text(scope)
+    if scope_text is None:
+        raise MissingIdempotencyKey(f"{name}: an empty scope", namespace=name)
+    return str(uuid.uuid5(TASK_ID_NAMESPACE, canonical_json([name, text, scope_text])))
 
 
 def send_once(
@@ -381,14 +490,19 @@ def send_once(
     so sending the same payment twice gives one task id, and its body runs once.
 
     ``key`` defaults to the task's own business key taken from ``args``/``kwargs``
-    (`IdempotentTask` with ``idempotency_key`` set). A call without a key raises
-    `MissingIdempotencyKey` here, before anything is sent.
+    (`IdempotentTask` with ``idempotency_key`` set), read the same way whether the
+    message is passed by position or by keyword. A scoped task's id also carries the
+    scope, from the task's own scope function over the same arguments. A call without a
+    key (or scope) raises `MissingIdempotencyKey` here, before anything is sent.
     """
     if "task_id" in options:
         raise TypeError("send_once derives the task id; do not pass task_id=")
-    if key is None:
-        if not isinstance(task, IdempotentTask):
-            raise TypeError("send_once(task, ...) needs key= for a task that is not idempotent")
-        key = task.business_key(tuple(args), kwargs)
-    return task.apply_async(tuple(args), dict(kwargs or {}), task_id=task_id_for(task, key),
-                            **options)
+    scope = None
+    if isinstance(task, IdempotentTask):
+        if key is None:
+            key = task.business_key(tuple(args), kwargs)
+        scope = task.scope_key(tuple(args), kwargs)
+    elif key is None:
+        raise TypeError("send_once(task, ...) needs key= for a task that is not idempotent")
+    return task.apply_async(tuple(args), dict(kwargs or {}),
+                            task_id=task_id_for(task, key, scope=scope), **options)
