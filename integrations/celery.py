@@ -14,7 +14,9 @@ Two ways to declare one; both give the same task class::
 What the task does, per delivery (in ``__call__``, which runs in the worker's pool child):
 
 * the key is the **task id** by default (Celery keeps it across retries and redeliveries),
-  or a business key taken from the task's arguments (``key=``);
+  or a business key taken from the task's arguments (``key=``); a message passed by
+  keyword (``apply.delay(payment=p)``) is the message passed by position: same key,
+  same fingerprint;
 * a task that takes ``session`` or ``connection``, with a `SqlStore`, runs in
   **transactional mode**: its writes and the key commit in one transaction; any other task
   runs in **lease mode**;
@@ -25,12 +27,13 @@ What the task does, per delivery (in ``__call__``, which runs in the worker's po
   another delivery took the key over) a retry that will find that delivery's result;
   `StoreUnavailable` a retry with exponential backoff. None of them is stopped by the
   task's ``max_retries`` (none is the message's fault; `StoreUnavailable` has its own
-  limit, ``store_retries``, unlimited by default), but Celery has one retry counter
-  (``request.retries``) and they advance it: a task that also retries itself (its own
-  ``self.retry`` or ``autoretry_for``) has that many fewer of its own retries left, so
-  give it a ``max_retries`` with room for them. A retry publishes a new message (same
-  task id) before the current one is acked; if that publish fails, the message is
-  requeued, never acked as done;
+  limit, ``store_retries``, unlimited by default). They are counted apart from the task's
+  own retries: in the message headers ``idempotent_retries`` (all of ours, for the
+  backoff) and ``idempotent_store_retries`` (``store_retries``); Celery's
+  ``request.retries`` and the task's ``max_retries``/``autoretry_for`` budget are left
+  alone, for this message and for every other one. Such a retry publishes the message
+  again (same task id, arguments and options) before the current one is acked; if that
+  publish fails, the message is requeued, never acked as done;
 * **bad input** (`MissingIdempotencyKey`, `IdempotencyKeyConflict`, a key of the wrong
   type) fails the task at once: FAILURE with the error in the result backend, an ERROR line
   in the worker log, ``task_failure`` sent, the message acked. No retry can fix the
@@ -45,8 +48,9 @@ it can meet (the worker logs "Hard time limit exceeded" each time). Run such wor
 is redelivered if the worker dies.
 
 Producer side: `send_once` publishes with a task id derived from a business key
-(`task_id_for`: a UUID5 of the task name and the key), so a double enqueue becomes two
-messages with one task id, which run the body once.
+(`task_id_for`: a UUID5 of the task name and the key, and of the scope for a scoped task),
+so a double enqueue becomes two messages with one task id, which run the body once, and
+two tenants' ``inv-1`` are two task ids.
 """
 
 from __future__ import annotations
@@ -129,9 +133,9 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
       with the message's retries, with jitter; for `AlreadyInProgress` never beyond the
       holder's lease);
     * ``idempotency_store_retries``: after `StoreUnavailable`, the task fails once the
-      message has been retried this many times (``request.retries``, which counts retries
-      of every kind); None: retry until the store is back. Meanwhile the message is never
-      acked as done.
+      message has had this many `StoreUnavailable` retries (header
+      ``idempotent_store_retries``); None: retry until the store is back. Meanwhile the
+      message is never acked as done.
     """
 
     acks_late = True
