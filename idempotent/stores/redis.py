@@ -653,6 +653,10 @@ class RedisStore(Store):
         if self.is_async:
             self._wait(self._aclose())
         else:
+            if self.is_cluster:
+                # a command sent to every primary (the eviction-policy check) leaves
+                # connections that RedisCluster.close() alone does not disconnect
+                self.client.disconnect_connection_pools()
             self.client.close()
             if isinstance(self._direct, _Connections):
                 self._direct.clear()
