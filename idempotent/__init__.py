@@ -24,6 +24,7 @@ from .exceptions import (
     ResultNotSerializable,
     ResultNotStored,
     StoreUnavailable,
+    TransactionEnded,
 )
 from .retry import is_transient, no_retry, transient_retry
 from .serializers import JSONSerializer, Serializer
@@ -72,6 +73,7 @@ __all__ = [
     "Store",
     "StoreStats",
     "StoreUnavailable",
+    "TransactionEnded",
     "add_listener",
     "current",
     "current_key",

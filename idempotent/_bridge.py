@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from greenlet import GreenletExit, getcurrent, greenlet  # type: ignore[import-untyped]
+from greenlet import getcurrent, greenlet  # type: ignore[import-untyped]
 
 #: Parked greenlets kept per thread; more concurrent deliveries than this make new ones.
 _POOL_SIZE = 256
@@ -46,11 +46,11 @@ class _Worker(greenlet):  # type: ignore[misc]  # greenlet ships no types for su
         while True:
             try:
                 done = _Done(fn(*args), None)
-            except GreenletExit:  # the greenlet is being collected: let it end
-                raise
             except BaseException as exc:  # handed to the awaiting caller to raise
                 done = _Done(None, exc)
             fn = args = None  # type: ignore[assignment]  # hold nothing while parked
+            # a GreenletExit thrown in here, while parked (the greenlet is collected),
+            # ends the greenlet; one raised by the call itself went to its caller above
             fn, args = self.parent.switch(done)
 
 

@@ -53,6 +53,7 @@ from .exceptions import (
     ResultNotSerializable,
     ResultNotStored,
     StoreUnavailable,
+    TransactionEnded,
 )
 from .retry import as_async, as_sync, is_transient
 from .serializers import Serializer, encode_result
@@ -85,6 +86,27 @@ class _NotTheHandlers(tenacity.retry_base):
         if isinstance(exc, (_HandlerFailed, IdempotencyError)):
             return False
         return bool(self.inner(retry_state))
+
+
+class _NotTheHandlersAsync(tenacity.asyncio.retry.async_retry_base):
+    """`_NotTheHandlers` for an async predicate (awaited, never taken for true)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    async def __call__(  # type: ignore[override]  # tenacity's async strategies are so
+            self, retry_state: tenacity.RetryCallState) -> bool:
+        outcome = retry_state.outcome
+        exc = outcome.exception() if outcome is not None else None
+        if isinstance(exc, (_HandlerFailed, IdempotencyError)):
+            return False
+        return bool(await self.inner(retry_state))
+
+
+def _not_the_handlers(inner: Any) -> Any:
+    if inspect.iscoroutinefunction(type(inner).__call__) or inspect.iscoroutinefunction(inner):
+        return _NotTheHandlersAsync(inner)
+    return _NotTheHandlers(inner)
 
 
 class _CountingFirst:
@@ -128,8 +150,11 @@ class Flow:
             policy = as_async(retry) if is_async else as_sync(retry)
             # what takes over after a failed first attempt: the same policy, counting it,
             # and never for a handler's exception
+            # reraise, and no retry_error_callback: a policy that gives up must end in
+            # StoreUnavailable, never in a value the flow would take for a store's answer
             self.retrying = policy.copy(stop=_CountingFirst(policy.stop),
-                                        retry=_NotTheHandlers(policy.retry))
+                                        retry=_not_the_handlers(policy.retry),
+                                        reraise=True, retry_error_callback=None)
         limit = getattr(store, "max_result_bytes", None)
         self.max_result_bytes: int | None = limit if isinstance(limit, int) else None
 
@@ -179,7 +204,12 @@ class Flow:
             return False
         state = tenacity.RetryCallState(self.retrying, None, (), {})
         state.outcome = tenacity.Future.construct(1, exc, True)
-        return bool(self.retrying.retry(state))
+        verdict = self.retrying.retry(state)
+        if inspect.isawaitable(verdict):  # an async predicate: we are in the bridge
+            from sqlalchemy.util import await_only
+
+            verdict = await_only(verdict)
+        return bool(verdict)
 
     def _raise_unavailable(self, exc: BaseException, key: str) -> None:
         """A transient store fault that outlasted the policy becomes `StoreUnavailable`."""
@@ -383,16 +413,14 @@ class Lease:
         """The handler returned, so its effect happened: complete the key, whatever the
         result. A result that cannot be stored completes it with a marker that duplicates
         get as `ResultNotStored`; nothing after this point may release the key."""
-        beat = self.beat
-        if beat is not None:
-            beat.stop()
-            self.beat = None
         flow, key = self.flow, self.key
         try:
             data = None if value is None else flow.encode(value, key)
-        except ResultNotSerializable as exc:  # logged at WARNING by the event
+        except Exception as exc:  # any serializer error: logged at WARNING by the event
             flow.emit("result_not_stored", key, None, None, exc)
             data = _rules.not_stored(str(exc.__cause__ or exc))
+        # the heartbeat keeps renewing until complete (with its retries) returned: a slow
+        # store must not let the lease of a live process run out (close() stops it)
         store, ns, token = flow.store, flow.namespace, self.token
         started = perf_counter()
         try:
@@ -457,7 +485,8 @@ class OwnTransaction:
         handle = _tx_handle(flow, self.tx)
         ctx = _CURRENT.set(_Current(flow.namespace, self.key, None))
         try:
-            return call(*args, **{**kwargs, flow.tx_param: handle})
+            with _handler_runs(self.tx.connection, flow.namespace, self.key):
+                return call(*args, **{**kwargs, flow.tx_param: handle})
         finally:
             _CURRENT.reset(ctx)
 
@@ -465,8 +494,9 @@ class OwnTransaction:
         return "released"  # close() rolls back
 
     def store_fault(self, exc: Exception) -> bool:
-        """Did the handler's exception come from the transaction's own connection?"""
-        return raised_on(exc, self.tx.connection)
+        """Is the handler's exception a transient fault of the transaction's own
+        connection (which rolled the attempt back)?"""
+        return raised_on(exc, self.tx.connection) and is_transient(exc)
 
     def finish(self, value: Any) -> Record | None:
         return self.tx.commit(self.flow.encode(value, self.key))  # type: ignore[no-any-return]
@@ -494,11 +524,14 @@ class CallerTransaction:
         self.tx: Any = None
 
     def claim(self) -> Record | None:
+        from sqlalchemy.orm import Session
+
         from .stores.sql import _sync_handle
 
         flow = self.flow
         store: Any = flow.store
         sync, _ = _sync_handle(self.own)
+        mark_errors((sync.connection() if isinstance(sync, Session) else sync).engine)
         self._savepoint = _savepoint(sync)
         self.tx = store.join(sync, flow.namespace, self.key, self.fp, flow.ttl)
         return self.tx.existing  # type: ignore[no-any-return]
@@ -509,7 +542,8 @@ class CallerTransaction:
         assert flow.tx_param is not None
         ctx = _CURRENT.set(_Current(flow.namespace, self.key, None))
         try:
-            return call(*args, **{**kwargs, flow.tx_param: self.own})
+            with _handler_runs(self.tx.connection, flow.namespace, self.key):
+                return call(*args, **{**kwargs, flow.tx_param: self.own})
         finally:
             _CURRENT.reset(ctx)
 
@@ -550,9 +584,11 @@ def _savepoint(sync: Any) -> Any:
     from sqlalchemy.orm import Session
 
     conn = sync.connection() if isinstance(sync, Session) else sync
+    if not conn.in_transaction():
+        conn.begin()  # the caller's own transaction, as its first statement would begin it
     if conn.dialect.name == "sqlite":
         raw = conn.connection.driver_connection
-        if getattr(raw, "in_transaction", True) is False:
+        if getattr(raw, "in_transaction", True) is False:  # (a begin event may have)
             conn.exec_driver_sql("BEGIN")
     return sync.begin_nested()
 
@@ -574,6 +610,27 @@ def _tx_handle(flow: Flow, tx: Any) -> Any:
 
 # -- which connection raised ---------------------------------------------------------------
 _RAISED_ON = "_idempotent_raised_on"
+#: In a connection's ``info`` while a handler runs on its transaction: (namespace, key).
+_HANDLER_RUNS = "idempotent_handler_runs"
+#: Set when a commit or rollback of the handler's was refused.
+_REFUSED = "idempotent_refused"
+
+
+@contextlib.contextmanager
+def _handler_runs(conn: Any, namespace: str, key: str) -> Any:
+    """While the handler runs, its transaction may not be ended (see `mark_errors`)."""
+    info = conn.info
+    info[_HANDLER_RUNS] = (namespace, key)
+    try:
+        yield
+    finally:
+        info.pop(_HANDLER_RUNS, None)
+        if info.pop(_REFUSED, False):
+            # SQLAlchemy marked the transaction ended although the refused COMMIT or
+            # ROLLBACK never reached the database: the connection still holds the
+            # handler's writes. Invalidating it closes it, so the server rolls them back
+            # and no later user of the pooled connection can commit them.
+            conn.invalidate()
 
 
 def mark_errors(engine: Any) -> None:
@@ -593,7 +650,21 @@ def mark_errors(engine: Any) -> None:
                 with contextlib.suppress(AttributeError):  # a type without a __dict__
                     setattr(exc, _RAISED_ON, id(ctx.connection))
 
+    def refuse(conn: Any) -> None:
+        if conn.invalidated:  # a lost connection's cleanup: nothing to refuse (or read)
+            return
+        key = conn.info.get(_HANDLER_RUNS)
+        if key is not None:
+            conn.info[_REFUSED] = True
+            raise TransactionEnded(
+                f"{key[0]}: the handler for key {key[1]!r} tried to end the transaction its "
+                "key is recorded in (commit or rollback); refused. Use a SAVEPOINT "
+                "(begin_nested()) to recover from an error, or raise to roll back",
+                namespace=key[0], key=key[1])
+
     sa.event.listen(engine, "handle_error", note)
+    sa.event.listen(engine, "commit", refuse)
+    sa.event.listen(engine, "rollback", refuse)
     _MARKED.add(engine)
 
 

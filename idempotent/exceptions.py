@@ -171,6 +171,17 @@ class ResultNotStored(IdempotencyError):
         self.record = record
 
 
+class TransactionEnded(IdempotencyError, RuntimeError):
+    """The handler tried to commit or roll back the transaction its key is recorded in.
+
+    Refused: a commit would make the handler's effect durable without its key (a
+    redelivery would run it again), a rollback would drop the claimed key while the
+    handler went on writing. To recover from an error inside the handler, use a
+    SAVEPOINT (``connection.begin_nested()`` / ``session.begin_nested()``); to give up,
+    raise.
+    """
+
+
 class StoreUnavailable(IdempotencyError):
     """The store kept failing with transient errors until the retry policy gave up.
 

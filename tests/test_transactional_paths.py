@@ -16,6 +16,7 @@ from idempotent import (
     IdempotencyKeyConflict,
     SqlStore,
     StoreUnavailable,
+    TransactionEnded,
     idempotent,
 )
 
@@ -198,7 +199,8 @@ def test_caller_transaction_is_not_committed(store: SqlStore) -> None:
 
 
 def test_handler_that_ends_the_transaction_is_refused(store: SqlStore) -> None:
-    """A handler that rolls back the decorator's transaction gets an error, nothing recorded."""
+    """A handler that rolls back the decorator's transaction is refused (TransactionEnded),
+    nothing recorded."""
 
     @idempotent(store, key="payment_id", namespace="rude", retry=None)
     def rude(msg: dict[str, Any], *, connection: sa.Connection) -> int:
@@ -208,7 +210,7 @@ def test_handler_that_ends_the_transaction_is_refused(store: SqlStore) -> None:
         tx.rollback()
         return 1
 
-    with pytest.raises(sa.exc.InvalidRequestError, match="ended the transaction"):
+    with pytest.raises(TransactionEnded, match="tried to end the transaction"):
         rude({"payment_id": "r"})
     assert ledger_totals(store) == (0, 0) and store.get("rude", "r") is None
 
