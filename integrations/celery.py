@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import os
 import random
 import uuid
@@ -81,9 +82,12 @@ from idempotent.exceptions import (
     AlreadyInProgress,
     LeaseLost,
     MissingIdempotencyKey,
+    ResultNotStored,
     StoreUnavailable,
 )
 from idempotent.keys import canonical_json
+
+logger = logging.getLogger("idempotent.celery")
 
 __all__ = [
     "RETRIES_HEADER",
@@ -203,6 +207,13 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
         except StoreUnavailable as exc:
             countdown = self._backoff() * random.uniform(0.5, 1.0)
             raise self._retry_later(exc, countdown, store=True) from exc
+        except ResultNotStored as exc:
+            # a duplicate of a lease-mode run whose result could not be stored: the body
+            # ran once; this copy succeeds with no result rather than overwrite the first
+            # run's SUCCESS with a FAILURE (a producer that resubmits failures would
+            # charge again)
+            logger.warning("%s", exc)
+            return None
 
     def _backoff(self) -> float:
         """backoff x 2^(our retries of this message), at most backoff_max seconds."""

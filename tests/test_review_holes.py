@@ -256,3 +256,24 @@ def test_the_callers_fresh_connection_on_sqlalchemys_sqlite_savepoint_recipe(
         conn.commit()
     assert count(store) == (1, 1)
     engine.dispose()
+
+
+def test_a_celery_duplicate_of_an_unstored_result_succeeds_without_running() -> None:
+    """Celery, lease mode: the first run's result cannot be stored; the redelivery of the
+    same message (same task id) succeeds with no result and does not run the body (was:
+    FAILURE with ResultNotStored over the first run's SUCCESS)."""
+    from celery import Celery
+    from idempotent.integrations.celery import idempotent_task
+
+    app = Celery("review", broker="memory://", backend="cache+memory://")
+    charges: list[str] = []
+
+    @idempotent_task(app, MemoryStore(), name="review.charge")
+    def charge(card: str, cents: int) -> dict[str, bytes]:
+        charges.append(card)
+        return {"receipt": b"\x89PNG raw bytes"}  # not JSON: the result is not stored
+
+    first = charge.apply(("c1", 100), task_id="t-1")
+    again = charge.apply(("c1", 100), task_id="t-1")
+    assert first.state == "SUCCESS" and again.state == "SUCCESS" and again.result is None
+    assert charges == ["c1"]
