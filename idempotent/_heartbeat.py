@@ -45,6 +45,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
+from typing import cast
 
 from .exceptions import LeaseLost
 
@@ -68,7 +69,7 @@ class Beat:
     ends it. ``lost`` is set when a renewal found the lease taken over (the beat stops by
     itself then). ``started`` is when the renewal under way began (None if none is)."""
 
-    __slots__ = ("args", "due", "interval", "lost", "renew", "started", "stopped")
+    __slots__ = ("args", "call", "due", "interval", "lost", "renew", "started", "stopped")
 
     def __init__(
         self, renew: Callable[..., object], interval: float, renewer: _Renewer | None = None,
@@ -77,6 +78,7 @@ class Beat:
         # ``renewer`` is kept for callers that pass it; a stopped beat needs no renewer.
         self.renew = renew
         self.args = args
+        self.call = (renew, args)  # read in one go by a renewal (stop() replaces it)
         self.interval = interval
         self.stopped = False
         self.lost = False
@@ -85,16 +87,20 @@ class Beat:
 
     def stop(self) -> None:
         """Renew no more. Never waits: a renewal already under way may still finish, but
-        none starts after this returns. (Only a flag: the thread, or the next compaction,
-        drops the beat from its list.)"""
+        none starts after this returns. The thread, or the next compaction, drops the beat
+        from its list; until then it must not keep the store (and its connections) alive,
+        so what the renewal would have called is forgotten here."""
         self.stopped = True
+        self.call = _STOPPED
+        self.renew, self.args = _nothing, ()
 
     def beat(self) -> bool:
         """Renew once, here; False when renewing should stop."""
         if self.stopped:
             return False
+        renew, args = self.call
         try:
-            self.renew(*self.args)
+            renew(*args)
         except LeaseLost:
             self.lost = True
             self.stopped = True
@@ -318,8 +324,13 @@ class _AsyncBeat(Beat):
     ) -> None:
         super().__init__(_nothing, interval, None, args)
         self.renew_async = renew
+        self.call = (renew, args)
         self.loop = loop
         self.running = False  # a renewal is scheduled or under way on the loop
+
+    def stop(self) -> None:
+        super().stop()
+        self.call = _STOPPED_ASYNC
 
     def beat(self) -> bool:
         """On the shared thread: schedule one renewal on the loop, unless one is pending
@@ -359,7 +370,8 @@ class _AsyncBeat(Beat):
 
     async def _once(self) -> None:
         try:
-            await self.renew_async(*self.args)
+            renew, args = self.call
+            await cast("Awaitable[object]", renew(*args))
         except LeaseLost:
             self.lost = True
             self.stop()
@@ -379,6 +391,15 @@ def _keep(task: asyncio.Task[None]) -> asyncio.Task[None]:
 
 def _nothing() -> None:
     return None
+
+
+async def _nothing_async() -> None:
+    return None
+
+
+#: What a stopped beat would call (nothing), so it holds no reference to a store.
+_STOPPED: tuple[Callable[..., object], tuple[object, ...]] = (_nothing, ())
+_STOPPED_ASYNC: tuple[Callable[..., object], tuple[object, ...]] = (_nothing_async, ())
 
 
 def start_async(renew: Callable[..., Awaitable[object]], interval: float,

@@ -471,7 +471,7 @@ def test_async_handler_with_a_redis_asyncio_client(kind: str,
         out.append(sorted(type(o).__name__ for o in batch.values()))
         stats = await greenlet_spawn(store.stats)
         out.append(sorted((c.namespace, c.state.value, c.count) for c in stats.counts))
-        await store.client.aclose()
+        await store.aclose()  # the store's kept connections too, not only the client's
         return out
 
     out = asyncio.run(main())

@@ -277,3 +277,23 @@ def test_a_celery_duplicate_of_an_unstored_result_succeeds_without_running() -> 
     again = charge.apply(("c1", 100), task_id="t-1")
     assert first.state == "SUCCESS" and again.state == "SUCCESS" and again.result is None
     assert charges == ["c1"]
+
+
+def test_a_stopped_heartbeat_does_not_keep_its_store_alive() -> None:
+    """Stopped beats wait in the heartbeat's deque until the thread next wakes (up to a
+    minute): they must not hold their store, or a store's connections outlive it and close
+    at a random later garbage collection (was: ResourceWarnings failing unrelated tests)."""
+    import gc
+    import weakref
+
+    store = MemoryStore()
+
+    @idempotent(store, key="pid", lease=30)
+    def charge(msg: dict[str, Any]) -> str:
+        return "charged"
+
+    charge({"pid": "P1"})
+    alive = weakref.ref(store)
+    del store, charge
+    gc.collect()
+    assert alive() is None
