@@ -388,7 +388,7 @@ class Lease:
         """The handler raised: keep it as failed (``keep_failures``), else release. Either
         way the handler's own exception is what the caller gets: a store that cannot take
         the failure or the release only delays a redelivery (the lease runs out)."""
-        self._stop()
+        self.close()
         flow, key = self.flow, self.key
         if isinstance(exc, flow.keep_failures):
             try:
@@ -435,14 +435,9 @@ class Lease:
 
     store_fault = staticmethod(lambda exc: False)
 
-    def _stop(self) -> None:
-        beat = self.beat
-        if beat is not None:
-            beat.stop()
-            self.beat = None
-
     def close(self) -> None:
-        beat = self.beat  # _stop(), inline: every delivery passes here
+        """Stop the heartbeat (every delivery passes here; abort and close both may)."""
+        beat = self.beat
         if beat is not None:
             beat.stop()
             self.beat = None

@@ -377,33 +377,28 @@ class _AsyncConnections:
     async def evalsha(self, script: _Script, numkeys: int, args: tuple[Any, ...]) -> Any:
         """``EVALSHA``, and ``EVAL`` after NOSCRIPT on the same connection, in one
         coroutine: the hot path of every store operation."""
-        here = self._here()
-        conn = self._take(here)
-        try:
-            try:
-                reply = await self._run(
-                    conn, _pack(conn, ("EVALSHA", script.sha, numkeys, *args)))
-            except NoScriptError:  # read whole: the connection goes on
-                reply = await self._run(
-                    conn, _pack(conn, ("EVAL", script.text, numkeys, *args)))
-        except ResponseError:  # an error reply read whole: nothing is left unread
-            await self._keep(here, conn)
-            raise
-        except BaseException:
-            await self._discard(here, conn)
-            raise
-        await self._keep(here, conn)
-        return reply
+        return await self._command(("EVALSHA", script.sha, numkeys, *args), script)
 
     async def execute(self, *args: Any) -> Any:
         """One command (a first argument with a space is split: ``"SCRIPT LOAD"``)."""
         if " " in args[0]:
             args = (*args[0].split(), *args[1:])
+        return await self._command(args, None)
+
+    async def _command(self, command: tuple[Any, ...], script: _Script | None) -> Any:
+        """One round trip on a kept connection of this loop (an ``EVALSHA`` that meets
+        NOSCRIPT sends ``script`` as ``EVAL`` on the same connection): the connection
+        goes back unless the round trip was interrupted."""
         here = self._here()
         conn = self._take(here)
         try:
-            reply = await self._run(conn, _pack(conn, args))
-        except ResponseError:
+            try:
+                reply = await self._run(conn, _pack(conn, command))
+            except NoScriptError:  # read whole: the connection goes on
+                if script is None:
+                    raise
+                reply = await self._run(conn, _pack(conn, ("EVAL", script.text, *command[2:])))
+        except ResponseError:  # an error reply read whole: nothing is left unread
             await self._keep(here, conn)
             raise
         except BaseException:
