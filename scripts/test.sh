@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run the test suite: bash scripts/test.sh [pytest args...]
-# Installs the PostgreSQL server, redis-server/redis-cli and openssl with apt (as root)
+# Installs the PostgreSQL server, redis-server/redis-cli, rabbitmq-server and openssl with apt (as root)
 # when missing; the suite itself starts and stops its own private servers on 127.0.0.1.
 set -euo pipefail
 # shellcheck source=scripts/_env.sh
@@ -54,6 +54,12 @@ fi
 
 if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/null 2>&1; then
     apt_install "redis-server and redis-cli" redis-server redis-tools
+fi
+
+# The RabbitMQ tests (and Celery on RabbitMQ) run Debian's rabbitmq-server as a plain
+# process of their own on 127.0.0.1.
+if [ ! -x /usr/lib/rabbitmq/bin/rabbitmq-server ]; then
+    apt_install "rabbitmq-server" rabbitmq-server
 fi
 
 # The rediss:// test makes a throwaway CA and certificate with openssl.
