@@ -30,7 +30,7 @@ from .retry import is_transient, no_retry, transient_retry
 from .serializers import JSONSerializer, Serializer
 from .stores import DEFAULT_LEASE, DEFAULT_TTL, MemoryStore, SqlStore, Store, open_store
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 if TYPE_CHECKING:
     from .stores.redis import RedisStore

@@ -35,8 +35,8 @@ def test_wheel_installs_and_runs(tmp_path: Path) -> None:
     shutil.copytree(ROOT, src, ignore=_SKIP)
     dist = tmp_path / "dist"
     sh(sys.executable, "-m", "build", "--outdir", dist, src, cwd=tmp_path)
-    wheel = next(dist.glob("idempotent-*.whl"))
-    sdist = next(dist.glob("idempotent-*.tar.gz"))
+    wheel = next(dist.glob("idempotent_py-*.whl"))
+    sdist = next(dist.glob("idempotent_py-*.tar.gz"))
 
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {
