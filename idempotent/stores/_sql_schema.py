@@ -1,4 +1,5 @@
-"""The records table, on its own `MetaData` so it never mixes with the user's models."""
+"""The records table and the positions table, on their own `MetaData` so they never mix
+with the user's models."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ NAMING_CONVENTION = {
 }
 
 DEFAULT_TABLE = "idempotency_records"
+#: The consumed positions of partitioned logs (Kafka), `positions_table`.
+DEFAULT_POSITIONS_TABLE = "idempotency_positions"
 #: The columns of a record, in the order of `Record`'s fields.
 COLUMNS = (
     "namespace", "key", "state", "fingerprint", "result", "token",
@@ -42,6 +45,26 @@ def records_table(metadata: sa.MetaData, name: str = DEFAULT_TABLE) -> sa.Table:
         sa.CheckConstraint("state IN ('in_progress', 'completed', 'failed')", name="state"),
         sa.Index(None, "expires_at"),
         # the primary key is the only index a claim needs; SQLite stores the row in it
+        sqlite_with_rowid=False,
+    )
+
+
+def positions_table(metadata: sa.MetaData, name: str = DEFAULT_POSITIONS_TABLE) -> sa.Table:
+    """One row per (consumer group, topic, partition): the next offset to consume, written
+    in the same transaction as the effects of the messages before it, and the
+    ``generation`` of the partition's current owner (bumped on every assignment, so a
+    consumer whose partition moved on cannot advance it). No CHECK on ``next_offset``: a
+    bad stored offset is reported by the consumer as a typed error, never silently used."""
+    return sa.Table(
+        name,
+        metadata,
+        sa.Column("consumer_group", sa.String(KEY_COLUMN_LENGTH), nullable=False),
+        sa.Column("topic", sa.String(255), nullable=False),
+        sa.Column("partition", sa.Integer, nullable=False),
+        sa.Column("next_offset", sa.BigInteger, nullable=False),
+        sa.Column("generation", sa.BigInteger, nullable=False),
+        sa.Column("updated_at", sa.Double, nullable=False),
+        sa.PrimaryKeyConstraint("consumer_group", "topic", "partition"),
         sqlite_with_rowid=False,
     )
 

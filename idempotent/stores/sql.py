@@ -346,6 +346,9 @@ class SqlStore(Store):
         self._lock_ms = None if lock_timeout is None else str(max(1, int(lock_timeout * 1000)))
         self.metadata = _sql_schema.new_metadata(schema)
         self.table = _sql_schema.records_table(self.metadata, table)
+        # Kafka consumers' positions (idempotent.integrations.kafka): same schema, so
+        # create_schema()/drop_schema() and the migrations cover it
+        self.positions = _sql_schema.positions_table(self.metadata)
         self.dialect = self.engine.dialect.name
         self._st = _Statements(self.table, self.dialect)
         self._db_time = self._st.pg  # STORE TIME: the database's clock (else the local one)
