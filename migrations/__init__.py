@@ -42,9 +42,10 @@ def include_object(
 ) -> bool:
     """For an application's ``context.configure(include_object=...)``: keeps Alembic's
     autogenerate from proposing to drop idempotent's tables, which its models lack."""
-    from ..stores._sql_schema import DEFAULT_TABLE
+    from ..stores._sql_schema import DEFAULT_POSITIONS_TABLE, DEFAULT_TABLE
 
+    ours = (DEFAULT_TABLE, DEFAULT_POSITIONS_TABLE, VERSION_TABLE)
     if type_ == "table":
-        return name not in (DEFAULT_TABLE, VERSION_TABLE)
+        return name not in ours
     table = getattr(obj, "table", None)
-    return getattr(table, "name", None) not in (DEFAULT_TABLE, VERSION_TABLE)
+    return getattr(table, "name", None) not in ours
