@@ -168,7 +168,7 @@ def _describe(exc: BaseException, store: Store | None) -> CommandError:
         return CommandError(f"bad store URL: {one_line(exc)}", 2)
     if isinstance(exc, ImportError):
         return CommandError(f"a driver is missing: {one_line(exc)} (pip install "
-                            "'idempotent[postgres]' or 'idempotent[redis]')", 2)
+                            "'idempotent-py[postgres]' or 'idempotent-py[redis]')", 2)
     if isinstance(exc, sa.exc.DBAPIError):
         table = _missing_table(store)
         if table is not None:

@@ -1,4 +1,4 @@
-"""OpenTelemetry metrics from idempotent's events (``pip install 'idempotent[otel]'``).
+"""OpenTelemetry metrics from idempotent's events (``pip install 'idempotent-py[otel]'``).
 
 ::
 
@@ -37,7 +37,7 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError(
         "idempotent.integrations.opentelemetry needs opentelemetry-api: "
-        "pip install 'idempotent[otel]'"
+        "pip install 'idempotent-py[otel]'"
     ) from exc
 
 from idempotent.events import Event, add_listener, remove_listener

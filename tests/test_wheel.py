@@ -69,7 +69,7 @@ def test_wheel_installs_and_runs(tmp_path: Path) -> None:
     hint = subprocess.run(
         [venv / "bin" / "python", "-c", "import idempotent.integrations.opentelemetry"],
         capture_output=True, text=True, cwd=tmp_path, timeout=120)
-    assert hint.returncode == 1 and "pip install 'idempotent[otel]'" in hint.stderr, hint.stderr
+    assert hint.returncode == 1 and "pip install 'idempotent-py[otel]'" in hint.stderr, hint.stderr
 
     cli = venv / "bin" / "idempotent"
     url = f"sqlite:///{tmp_path}/installed.db"
