@@ -50,6 +50,7 @@ def idempotent(
     heartbeat: bool = True,
     optimistic: bool = True,
     listeners: Iterable[Listener] = (),
+    wait: float | None = None,
 ) -> Callable[[F], F]:
     """Make a handler run once per idempotency key; duplicates get the first result.
 
@@ -70,6 +71,12 @@ def idempotent(
     * ``optimistic`` (transactional mode): True writes the key once, with the result, at
       commit; a concurrent duplicate runs too and is rolled back at the key. False claims
       the key first, so a concurrent duplicate waits instead of running.
+    * ``wait`` (lease mode): seconds a duplicate that finds the key in progress waits
+      for the first delivery's outcome before `AlreadyInProgress`: woken by the store
+      where it can signal (Redis pub/sub), else polling with a backed-off pause. It then
+      gets the first result, or runs if the first delivery released the key (its handler
+      raised). None (default): `AlreadyInProgress` at once. In transactional mode a
+      duplicate already waits, on the key's row lock, up to the store's ``lock_timeout``.
     * ``listeners``: callables that get this handler's `Event` objects (claimed, duplicate,
       completed, ...), besides those registered for every handler with
       `idempotent.events.add_listener`.
@@ -86,7 +93,7 @@ def idempotent(
             fn, store, key=key, namespace=namespace, scope=scope, fingerprint=fingerprint,
             ttl=ttl, lease=lease, retry=retry, serializer=serializer,
             keep_failures=keep_failures, heartbeat=heartbeat, optimistic=optimistic,
-            listeners=listeners,
+            listeners=listeners, wait=wait,
         ).wrapper)
 
     return decorate
@@ -121,6 +128,7 @@ class _Handler:
         retry: tenacity.BaseRetrying | None, serializer: Serializer | None,
         keep_failures: tuple[type[BaseException], ...], heartbeat: bool,
         optimistic: bool = True, listeners: Iterable[Listener] = (),
+        wait: float | None = None,
     ) -> None:
         self.fn = fn
         self.store = store
@@ -143,6 +151,13 @@ class _Handler:
                 "lease= and keep_failures= are for lease mode; in transactional mode a failed "
                 "handler's transaction rolls back and leaves nothing to keep"
             )
+        if wait is not None:
+            if self.tx_param is not None:
+                raise TypeError(
+                    "wait= is for lease mode; in transactional mode a duplicate waits on the "
+                    "key's row lock (optimistic=False), up to the store's lock_timeout")
+            if not 0 <= wait < float("inf"):  # also refuses NaN
+                raise ValueError(f"wait must be a finite number of seconds >= 0, not {wait!r}")
         store_async = getattr(store, "is_async", None)
         if store_async is not None and store_async != self.is_async:
             kind = "an async engine" if store_async else "a sync engine"
@@ -164,6 +179,7 @@ class _Handler:
             serializer=serializer or JSONSerializer(), keep_failures=keep_failures,
             heartbeat=heartbeat, optimistic=optimistic, listeners=listeners,
             is_async=self.is_async, tx_param=self.tx_param,
+            wait=None if wait is None else float(wait),
         )
         if self.tx_param is not None:
             mark_errors(store.engine)  # type: ignore[attr-defined]

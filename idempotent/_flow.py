@@ -34,9 +34,10 @@ import copy
 import inspect
 import logging
 import os
+import time
 import weakref
 from collections.abc import Callable, Iterable
-from time import perf_counter
+from time import monotonic, perf_counter
 from typing import Any
 
 import tenacity
@@ -60,6 +61,10 @@ from .serializers import Serializer, encode_result
 from .stores.base import Store
 
 _LOG, _DEBUG = logging.getLogger("idempotent"), logging.DEBUG
+_IN_PROGRESS = State.IN_PROGRESS
+#: wait=: the first pause between two looks at a key in progress, and the longest (with a
+#: store's wake-up signal, the longest a lost signal can delay a waiter)
+_FIRST_PAUSE, _MAX_PAUSE = 0.01, 0.5
 _CURRENT = _context.CURRENT
 _urandom = os.urandom
 _Current = _context.Current
@@ -131,8 +136,10 @@ class Flow:
         retry: tenacity.BaseRetrying | None, serializer: Serializer,
         keep_failures: tuple[type[BaseException], ...], heartbeat: bool, optimistic: bool,
         listeners: Iterable[Listener], is_async: bool, tx_param: str | None,
+        wait: float | None = None,
     ) -> None:
         self.store = store
+        self.wait = wait
         self.namespace = namespace
         self.ttl = ttl
         self.lease = lease
@@ -284,6 +291,36 @@ class Flow:
             self.emit("duplicate", key, perf_counter() - started)
         return value
 
+    # -- wait=: a duplicate waits for the first delivery's outcome -------------------------
+    def wait_turn(self, mode: Any, found: Record) -> Record | None:
+        """``found`` is in progress (another worker's live lease): wait up to
+        ``self.wait`` seconds for it to end, woken by the store (rule WAKE) or polling
+        with a backed-off pause, then claim again. Returns the record a claim found
+        (completed, or still in progress at the deadline), or None: the key was released
+        and this delivery claimed it."""
+        assert self.wait is not None
+        deadline = monotonic() + self.wait
+        pause = _FIRST_PAUSE
+        record: Record | None = found
+        while record is not None and record.state is _IN_PROGRESS:
+            left = deadline - monotonic()
+            if left <= 0:
+                break
+            step = min(pause, left)
+            woken = self.store.wait_change(self.namespace, mode.key, step)
+            if woken is None:  # no signal from this store: poll
+                if self.is_async:
+                    import asyncio
+
+                    from sqlalchemy.util import await_only
+
+                    await_only(asyncio.sleep(step))
+                else:
+                    time.sleep(step)
+            pause = min(pause * 2, _MAX_PAUSE)
+            record = mode.claim()
+        return record
+
     def encode(self, value: Any, key: str) -> bytes | None:
         """The result as stored; `ResultNotSerializable` when it cannot be."""
         if value is None:
@@ -310,6 +347,8 @@ def deliver(flow: Flow, mode: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
                else None)
     try:
         found = mode.claim()
+        if found is not None and flow.wait is not None and found.state is _IN_PROGRESS:
+            found = flow.wait_turn(mode, found)
         if found is not None:
             return flow.replay(found, mode.fp, key, mode.now, started)
         if started is not None:

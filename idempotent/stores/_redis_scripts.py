@@ -7,8 +7,9 @@ script        rules
 ============  =======================================================================
 `CLAIM`       CLAIMABLE (insert, take over a lease that ran out, or report), STORE TIME
 `CLAIM_MANY`  the same as `CLAIM`, for every key of one slot, on one reading of the clock
-`COMPLETE`    FENCED (only the token's owner writes), STORE TIME (completed/expiry times)
-`RELEASE`     FENCED (only the owner's in-progress record is deleted)
+`COMPLETE`    FENCED (only the token's owner writes), STORE TIME (completed/expiry times),
+              WAKE (publishes on the record's name)
+`RELEASE`     FENCED (only the owner's in-progress record is deleted), WAKE
 `RENEW`       FENCED (only the owner's in-progress lease moves), STORE TIME (new deadline)
 `PURGE`       PURGEABLE (expired or older than a cut-off, never a live lease), STORE TIME
 ============  =======================================================================
@@ -192,6 +193,7 @@ else
   redis.call('HDEL', k, 'l', 'r')
 end
 redis.call('PEXPIRE', k, ARGV[5])
+redis.call('PUBLISH', k, ARGV[2])  -- WAKE: wakes duplicates waiting on the key
 return 1
 """
 
@@ -201,6 +203,7 @@ local ok, rec = owned(KEYS[1], ARGV[1])
 if ok ~= 1 then return ok end
 if rec[2] ~= 'i' then return 0 end
 redis.call('DEL', KEYS[1])
+redis.call('PUBLISH', KEYS[1], 'r')  -- WAKE: a waiting duplicate may claim it now
 return 1
 """
 

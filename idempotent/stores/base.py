@@ -154,6 +154,13 @@ class Store:
             )
         return until
 
+    def wait_change(self, namespace: str, key: str, timeout: float) -> bool | None:
+        """Block up to ``timeout`` seconds for a signal that ``key``'s in-progress record
+        was completed or released (rule WAKE). True when signalled, or when the record
+        is already no longer in progress; False when ``timeout`` passed; None when the
+        store has no signal, and the caller polls (the default)."""
+        return None
+
     def get(self, namespace: str, key: str) -> Record | None:
         """The record of ``key``, or None."""
         check_text("namespace", namespace)

@@ -35,6 +35,7 @@ import functools
 import hashlib
 import logging
 import os
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -1011,6 +1012,31 @@ class RedisStore(Store):
         if code < 0:
             raise self._bad_record(namespace, key, code, None)
         return code == 1
+
+    def wait_change(self, namespace: str, key: str, timeout: float) -> bool | None:
+        """Rule WAKE: subscribe to the record's name (on which `COMPLETE` and `RELEASE`
+        publish), read the record once (a change before the subscription is not missed),
+        then wait up to ``timeout`` for a message. A connection of its own for the call,
+        closed before it returns. None (poll) for an asyncio cluster client, whose redis-py
+        has no pub/sub."""
+        if self.is_async and self.is_cluster:
+            return None
+        name = self.key_name(namespace, key)
+        deadline = time.monotonic() + timeout
+        pubsub = self.client.pubsub()
+        try:
+            self._wait(pubsub.subscribe(name))
+            record = self._read(namespace, key, name)
+            if record is None or record.state is not State.IN_PROGRESS:
+                return True
+            while (left := deadline - time.monotonic()) > 0:
+                message = self._wait(pubsub.get_message(ignore_subscribe_messages=True,
+                                                        timeout=left))
+                if message is not None:
+                    return True
+            return False
+        finally:
+            self._wait(pubsub.aclose()) if self.is_async else pubsub.close()
 
     def _get(self, namespace: str, key: str) -> Record | None:
         """One ``HMGET``."""
