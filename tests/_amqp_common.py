@@ -1,0 +1,129 @@
+"""What the AMQP tests and the AMQP worker script share: the ledger, the handlers, and
+small pika helpers (declare, publish with confirms, read a queue)."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pika
+import sqlalchemy as sa
+from idempotent.integrations.amqp import Consumer, Message
+
+metadata = sa.MetaData()
+ledger = sa.Table(
+    "amqp_ledger", metadata,
+    sa.Column("id", sa.BigInteger, primary_key=True, autoincrement=True),
+    sa.Column("payment_id", sa.String(64), nullable=False),  # not unique: doubles must show
+    sa.Column("cents", sa.BigInteger, nullable=False),
+    sa.Column("pid", sa.Integer, nullable=False),
+)
+
+
+def apply_payment(message: Message, *, connection: sa.Connection) -> dict[str, Any]:
+    """Transactional: one ledger row per payment, committed with its key."""
+    body = message.body
+    connection.execute(ledger.insert(), {"payment_id": body["payment_id"],
+                                         "cents": body["cents"], "pid": os.getpid()})
+    return {"applied": body["payment_id"], "cents": body["cents"]}
+
+
+def declare(url: str, queue: str, *, quorum: bool = False, dlx: str | None = None) -> None:
+    """A durable queue (classic or quorum) and, with ``dlx``, a fanout dead-letter exchange
+    of that name bound to a durable queue of the same name."""
+    with connection(url) as conn:
+        ch = conn.channel()
+        args = {"x-queue-type": "quorum"} if quorum else {}
+        ch.queue_declare(queue, durable=True, arguments=args)
+        if dlx is not None:
+            ch.exchange_declare(dlx, "fanout", durable=True)
+            ch.queue_declare(dlx, durable=True)
+            ch.queue_bind(dlx, dlx)
+
+
+@contextmanager
+def connection(url: str) -> Iterator[pika.BlockingConnection]:
+    conn = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        yield conn
+    finally:
+        if conn.is_open:
+            conn.close()
+
+
+def publish(url: str, queue: str, messages: Iterable[tuple[bytes | dict[str, Any], dict[str, Any]]]
+            ) -> int:
+    """Publish (body, properties) pairs persistently, each confirmed by the broker; a dict
+    body is sent as JSON. Returns how many."""
+    n = 0
+    with connection(url) as conn:
+        ch = conn.channel()
+        ch.confirm_delivery()
+        for body, props in messages:
+            raw = json.dumps(body).encode() if isinstance(body, dict) else body
+            ch.basic_publish("", queue, raw, pika.BasicProperties(
+                delivery_mode=2, content_type="application/json", **props))
+            n += 1
+    return n
+
+
+def ready_count(url: str, queue: str) -> int:
+    """Messages ready in ``queue`` (not counting those delivered and unacked)."""
+    with connection(url) as conn:
+        return int(conn.channel().queue_declare(queue, passive=True).method.message_count)
+
+
+def drain(url: str, queue: str) -> list[tuple[bytes, Any]]:
+    """Take every message of ``queue`` (basic_get, acked): (body, properties) pairs."""
+    out = []
+    with connection(url) as conn:
+        ch = conn.channel()
+        while True:
+            method, props, body = ch.basic_get(queue, auto_ack=True)
+            if method is None:
+                return out
+            out.append((body, props))
+
+
+@contextmanager
+def running(consumer: Consumer, url: str) -> Iterator[Consumer]:
+    """``consumer.run(url)`` in a thread until the block ends; fails if it does not stop."""
+    ready = threading.Event()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            consumer.run(url, on_ready=ready.set)
+        except BaseException as exc:  # reported by the test below
+            errors.append(exc)
+            ready.set()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    assert ready.wait(30), "consumer did not start"
+    try:
+        yield consumer
+    finally:
+        consumer.stop()
+        thread.join(30)
+        assert not thread.is_alive(), "consumer did not stop"
+    assert not errors, errors
+
+
+def wait_until(check: Callable[[], Any], timeout: float, what: str,
+               describe: Callable[[], str] | None = None) -> Any:
+    """Poll ``check()`` until truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            extra = f" ({describe()})" if describe else ""
+            raise AssertionError(f"not within {timeout:.0f}s: {what}{extra}")
+        time.sleep(0.05)
