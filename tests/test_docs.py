@@ -102,3 +102,10 @@ def _two_messages_one_task_id(url: str) -> None:
         client.close()
     ids = [json.loads(m)["headers"]["id"] for m in raw]
     assert len(ids) == 2 and len(set(ids)) == 1, ids
+
+
+def test_performance_charts_match_the_figures() -> None:
+    """docs/img/*.svg are drawn from benchmarks/figures.json as it stands."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "plot_figures.py"), "--check"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
