@@ -74,11 +74,14 @@ if TYPE_CHECKING:
     import pika.adapters.blocking_connection
 
 __all__ = [
+    "BAD_INPUT",
     "DELIVERIES_HEADER",
+    "DELIVERY_COUNT",
     "ERROR_HEADER",
     "ERROR_TYPE_HEADER",
     "FAILURES_HEADER",
     "QUEUE_HEADER",
+    "STORE_FAULTS",
     "Ack",
     "Consumer",
     "DeadLetter",
@@ -482,7 +485,9 @@ class Consumer:
 
 
 def _with_headers(props: Any, headers: Mapping[str, Any]) -> Any:
-    """A copy of pika properties with ``headers`` added (persistent if the original was)."""
+    """A copy of pika properties with ``headers`` added (persistent if the original was),
+    without the broker's own count and without ``user_id``/``expiration``: a copy must not
+    be refused (another user's id) or expire."""
     import pika
 
     merged = {k: v for k, v in (props.headers or {}).items() if k != DELIVERY_COUNT}
@@ -491,5 +496,5 @@ def _with_headers(props: Any, headers: Mapping[str, Any]) -> Any:
         content_type=props.content_type, content_encoding=props.content_encoding,
         headers=merged, delivery_mode=props.delivery_mode, priority=props.priority,
         correlation_id=props.correlation_id, reply_to=props.reply_to,
-        expiration=props.expiration, message_id=props.message_id, timestamp=props.timestamp,
-        type=props.type, user_id=props.user_id, app_id=props.app_id)
+        message_id=props.message_id, timestamp=props.timestamp, type=props.type,
+        app_id=props.app_id)
