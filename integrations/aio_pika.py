@@ -34,7 +34,9 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "idempotent.integrations.aio_pika needs aio-pika: pip install 'idempotent[aio-pika]'"
     ) from exc
 
-from idempotent.integrations.amqp import (
+from idempotent.stores import Store
+
+from .amqp import (
     DELIVERY_COUNT,
     Ack,
     Message,
@@ -42,8 +44,6 @@ from idempotent.integrations.amqp import (
     Republish,
     Requeue,
 )
-
-from idempotent.stores import Store
 
 if TYPE_CHECKING:
     from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection

@@ -70,8 +70,8 @@ from idempotent import (
 from idempotent.stores import Store
 
 if TYPE_CHECKING:
-    import pika
-    import pika.adapters.blocking_connection
+    import pika  # type: ignore[import-untyped]  # pika ships no type hints
+    import pika.adapters.blocking_connection  # type: ignore[import-untyped]
 
 __all__ = [
     "BAD_INPUT",
@@ -405,7 +405,7 @@ class Consumer:
         AMQP URL or pika connection parameters. ``on_ready`` is called each time the
         consumer is registered."""
         import pika
-        import pika.exceptions
+        import pika.exceptions  # type: ignore[import-untyped]  # pika ships no type hints
 
         params = pika.URLParameters(parameters) if isinstance(parameters, str) else parameters
         while not self._stopping:
