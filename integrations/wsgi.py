@@ -136,8 +136,13 @@ class IdempotencyMiddleware:
             if declared > limit:
                 raise body_too_large(limit)
             body = stream.read(declared) if declared else b""
-        elif environ.get("wsgi.input_terminated") or "chunked" in environ.get(
-                "HTTP_TRANSFER_ENCODING", "").lower():
+        elif "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
+            if not environ.get("wsgi.input_terminated"):
+                # the server does not decode chunked bodies (wsgiref): reading would
+                # block on the raw socket, or read chunk framing as the body
+                raise Problem(411, "length-required", "Length Required",
+                              "this server cannot read a chunked request body; send a "
+                              "Content-Length")
             chunks, size = [], 0
             while chunk := stream.read(_CHUNK):
                 size += len(chunk)

@@ -11,6 +11,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 class _Threading(ThreadingMixIn, WSGIServer):
     daemon_threads = True
+    request_queue_size = 128  # the listen backlog (5 by default): concurrent tests
 
 
 class _Quiet(WSGIRequestHandler):
