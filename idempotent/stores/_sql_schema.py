@@ -16,6 +16,8 @@ NAMING_CONVENTION = {
 DEFAULT_TABLE = "idempotency_records"
 #: The consumed positions of partitioned logs (Kafka), `positions_table`.
 DEFAULT_POSITIONS_TABLE = "idempotency_positions"
+#: Messages staged for publishing after COMMIT (`idempotent.outbox`), `outbox_table`.
+DEFAULT_OUTBOX_TABLE = "idempotency_outbox"
 #: The columns of a record, in the order of `Record`'s fields.
 COLUMNS = (
     "namespace", "key", "state", "fingerprint", "result", "token",
@@ -66,6 +68,37 @@ def positions_table(metadata: sa.MetaData, name: str = DEFAULT_POSITIONS_TABLE) 
         sa.Column("updated_at", sa.Double, nullable=False),
         sa.PrimaryKeyConstraint("consumer_group", "topic", "partition"),
         sqlite_with_rowid=False,
+    )
+
+
+def outbox_table(metadata: sa.MetaData, name: str = DEFAULT_OUTBOX_TABLE) -> sa.Table:
+    """One row per staged message (`idempotent.outbox`): written in the producer's own
+    transaction, published after it commits. ``id`` is the message's deterministic id (a
+    Celery task id, a message id), so a re-publish is a duplicate the consumer drops;
+    ``confirm_namespace``/``confirm_key`` name the consumer's record that confirms
+    delivery; ``next_at`` is when a relay next looks at the entry (NULL: done)."""
+    return sa.Table(
+        name,
+        metadata,
+        sa.Column("id", sa.String(KEY_COLUMN_LENGTH), nullable=False),
+        sa.Column("publisher", sa.String(64), nullable=False),
+        sa.Column("target", sa.String(255), nullable=False),
+        sa.Column("body", sa.LargeBinary, nullable=False),
+        sa.Column("state", sa.String(16), nullable=False),
+        sa.Column("publishes", sa.Integer, nullable=False),
+        sa.Column("failures", sa.Integer, nullable=False),
+        sa.Column("confirm_namespace", sa.String(KEY_COLUMN_LENGTH), nullable=True),
+        sa.Column("confirm_key", sa.String(KEY_COLUMN_LENGTH), nullable=True),
+        sa.Column("created_at", sa.Double, nullable=False),
+        sa.Column("next_at", sa.Double, nullable=True),
+        sa.Column("published_at", sa.Double, nullable=True),
+        sa.Column("confirmed_at", sa.Double, nullable=True),
+        sa.Column("last_error", sa.String(500), nullable=True),
+        sa.PrimaryKeyConstraint("id"),
+        sa.CheckConstraint(
+            "state IN ('pending', 'published', 'sent', 'confirmed', 'unconfirmed')",
+            name="state"),
+        sa.Index(None, "next_at"),
     )
 
 
