@@ -1,0 +1,747 @@
+"""Kafka consumers whose consumed position commits in the same transaction as their effects.
+
+Kafka's own answer for exactly-once into a database ("storing offsets outside Kafka"):
+keep the next offset of each (consumer group, topic, partition) in the database, advance
+it in the transaction that writes the messages' effects, and seek to it when a partition
+is assigned. This module does that for confluent-kafka::
+
+    from idempotent.integrations.kafka import TransactionalConsumer, header
+
+    def apply(messages, connection):          # one transaction per batch
+        connection.execute(insert(ledger), [row(m.value) for m in messages])
+
+    consumer = TransactionalConsumer(
+        {"bootstrap.servers": "...", "group.id": "payments"}, store, ["payments"], apply,
+        key=header("payment-id"), decode=json.loads, dead_letter_topic="payments.dlq")
+    consumer.run()
+
+Per batch (up to ``batch_size`` messages or ``batch_timeout`` seconds), in one database
+transaction: the business keys of the batch are recorded with `SqlStore.record_many` (one
+statement; a producer's duplicate at a new offset is dropped before the handler sees it),
+the handler runs with the transaction's ``connection``, and each partition's stored
+position moves from the offset the batch started at to the one after its last message
+with a conditional UPDATE that also names the **generation** this consumer got when the
+partition was assigned. Every assignment bumps the generation, so a consumer whose
+partition moved on (a zombie: stalled past its session timeout) matches no row: its
+transaction rolls back, nothing of its batch is written, and it gets `PositionFenced`.
+Kafka's own committed offsets are written after the database commit, asynchronously, for
+lag monitoring only; they are never read back over the database's.
+
+`LeaseConsumer` is for handlers whose effects leave the database (an HTTP call): the
+handler is an ``@idempotent`` lease-mode function keyed by `offset_key` or a business
+key, and the consumer commits Kafka offsets after it returned.
+
+Both consumers: a handler that fails ``max_attempts`` times on one message, or a message
+that cannot be decoded or has no key (bad input: no retry), goes to ``dead_letter_topic``
+with the error in its headers, and the partition moves on; without a dead-letter topic
+the error is raised and nothing moves (the message is delivered again after a restart).
+Transient database faults (a dropped connection, a deadlock) retry the batch and never
+count as attempts.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+import tenacity
+
+from idempotent import (
+    AlreadyInProgress,
+    IdempotencyError,
+    IdempotencyKeyConflict,
+    InvalidIdempotencyKey,
+    LeaseLost,
+    MissingIdempotencyKey,
+    SqlStore,
+    StoreUnavailable,
+    is_transient,
+)
+from idempotent import keys as _keys
+from idempotent.stores import DEFAULT_TTL
+
+try:
+    import confluent_kafka
+    from confluent_kafka import KafkaError, KafkaException, TopicPartition
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "idempotent.integrations.kafka needs confluent-kafka: pip install 'idempotent[kafka]'"
+    ) from exc
+
+__all__ = [
+    "InvalidPosition",
+    "LeaseConsumer",
+    "Message",
+    "PositionFenced",
+    "TransactionalConsumer",
+    "UndecodableMessage",
+    "each",
+    "header",
+    "message_key",
+    "offset_key",
+]
+
+_LOG = logging.getLogger("idempotent.kafka")
+
+#: Headers a dead-lettered message carries besides its own.
+DLQ_HEADERS = ("idempotent-error", "idempotent-error-type", "idempotent-attempts",
+               "idempotent-group", "idempotent-topic", "idempotent-partition",
+               "idempotent-offset")
+
+
+# -- errors -------------------------------------------------------------------------------
+class PositionFenced(IdempotencyError):
+    """This consumer's partition was assigned to another consumer (a newer generation)
+    after this batch was read: its transaction was rolled back, nothing of the batch was
+    written. Close this consumer; the new owner processes the messages.
+
+    ``found`` is the stored ``(next_offset, generation)`` (None: no row), ``generation``
+    and ``start`` what this consumer expected."""
+
+    def __init__(self, message: str, *, group: str | None = None, topic: str | None = None,
+                 partition: int | None = None, generation: int | None = None,
+                 start: int | None = None, found: tuple[int, int] | None = None) -> None:
+        super().__init__(message)
+        self.group, self.topic, self.partition = group, topic, partition
+        self.generation, self.start, self.found = generation, start, found
+
+
+class InvalidPosition(IdempotencyError, ValueError):
+    """A stored position is negative, or outside the partition's offsets (``low`` ..
+    ``high``: the log was truncated past it, or the topic recreated). Nothing is consumed
+    from that partition; fix or delete the row (``idempotency_positions``)."""
+
+    def __init__(self, message: str, *, group: str | None = None, topic: str | None = None,
+                 partition: int | None = None, offset: int | None = None,
+                 low: int | None = None, high: int | None = None) -> None:
+        super().__init__(message)
+        self.group, self.topic, self.partition = group, topic, partition
+        self.offset, self.low, self.high = offset, low, high
+
+
+class UndecodableMessage(IdempotencyError, ValueError):
+    """``decode`` failed on a message's value (``__cause__`` says why): bad input, sent to
+    the dead-letter topic at once, never recorded as done."""
+
+    def __init__(self, message: str, *, topic: str | None = None,
+                 partition: int | None = None, offset: int | None = None) -> None:
+        super().__init__(message)
+        self.topic, self.partition, self.offset = topic, partition, offset
+
+
+#: Bad input: a new attempt cannot cure it, the message is dead-lettered at once.
+_BAD_INPUT = (UndecodableMessage, MissingIdempotencyKey, InvalidIdempotencyKey,
+              IdempotencyKeyConflict)
+#: Not the message's fault: retried (the store policy), never counted as an attempt.
+_NOT_THE_MESSAGE = (AlreadyInProgress, LeaseLost, StoreUnavailable)
+
+
+# -- messages and keys --------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One consumed message: its coordinates, raw key, decoded value and headers."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: Any
+    headers: tuple[tuple[str, bytes | None], ...]
+    raw_value: bytes | None
+
+    def header(self, name: str) -> bytes | None:
+        """The last value of header ``name`` (None when absent)."""
+        found = None
+        for k, v in self.headers:
+            if k == name:
+                found = v
+        return found
+
+
+KeyFunction = Callable[[Message], Any]
+
+
+def _text(raw: bytes | None, what: str, m: Message) -> str | None:
+    if raw is None:
+        return None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UndecodableMessage(
+            f"{m.topic}[{m.partition}]@{m.offset}: the {what} is not UTF-8 text",
+            topic=m.topic, partition=m.partition, offset=m.offset) from None
+
+
+def header(name: str) -> KeyFunction:
+    """A key function: the UTF-8 text of header ``name``."""
+    def key(m: Message) -> str | None:
+        return _text(m.header(name), f"header {name!r}", m)
+    key.__qualname__ = f"header({name!r})"
+    return key
+
+
+def message_key(m: Message) -> str | None:
+    """A key function: the message key, as UTF-8 text."""
+    return _text(m.key, "message key", m)
+
+
+def offset_key(m: Message) -> str:
+    """``topic/partition/offset``: the key of one delivery position (lease mode), the same
+    on every redelivery of that message."""
+    return f"{m.topic}/{m.partition}/{m.offset}"
+
+
+def each(fn: Callable[[Message, sa.Connection], Any]) -> Callable[[list[Message], sa.Connection],
+                                                                  None]:
+    """A batch handler that calls ``fn(message, connection)`` for each message, in order,
+    in the batch's one transaction."""
+    def batch(messages: list[Message], connection: sa.Connection) -> None:
+        for m in messages:
+            fn(m, connection)
+    batch.__qualname__ = getattr(fn, "__qualname__", "each")
+    batch.__module__ = getattr(fn, "__module__", __name__)
+    return batch
+
+
+def _not_the_message(exc: BaseException) -> bool:
+    """A fault a new attempt may cure and that no message caused: a transient database
+    error (SQLAlchemy's: a dropped connection, a deadlock, a lock timeout), another worker
+    holding the key, a lost lease, a store that gave up."""
+    if isinstance(exc, _NOT_THE_MESSAGE):
+        return True
+    return isinstance(exc, sa.exc.SQLAlchemyError) and is_transient(exc)
+
+
+def _default_retry() -> tenacity.Retrying:
+    return tenacity.Retrying(
+        retry=tenacity.retry_if_exception(_not_the_message),
+        wait=tenacity.wait_exponential(multiplier=0.05, max=2.0) + tenacity.wait_random(0, 0.05),
+        stop=tenacity.stop_after_delay(60), reraise=True)
+
+
+# -- the loop both consumers share ----------------------------------------------------------
+class _Loop:
+    """Consume, hand batches to the strategy (`_apply`), dead-letter poison messages."""
+
+    def __init__(self, config: Mapping[str, Any], topics: Sequence[str], *,
+                 decode: Callable[[bytes | None], Any] | None, batch_size: int,
+                 batch_timeout: float, max_attempts: int, dead_letter_topic: str | None,
+                 producer_config: Mapping[str, Any] | None,
+                 retry: tenacity.Retrying | None) -> None:
+        conf = dict(config)
+        group = conf.get("group.id")
+        if not group:
+            raise ValueError("the consumer config needs a group.id")
+        for name in ("enable.auto.commit", "enable.auto.offset.store"):
+            if str(conf.get(name, False)).lower() in ("true", "1"):
+                raise ValueError(f"{name} must be off: offsets are committed after the "
+                                 "messages' effects, by the consumer")
+            conf[name] = False
+        if batch_size < 1 or max_attempts < 1:
+            raise ValueError("batch_size and max_attempts must be at least 1")
+        self.group = str(group)
+        self.topics = list(topics)
+        self.decode = decode
+        self.batch_size, self.batch_timeout = batch_size, batch_timeout
+        self.max_attempts = max_attempts
+        self.dead_letter_topic = dead_letter_topic
+        self.retry = retry if retry is not None else _default_retry()
+        self.cooperative = "cooperative" in str(conf.get("partition.assignment.strategy", ""))
+        reset = str(conf.get("auto.offset.reset", "latest")).lower()
+        self.from_start = reset in ("earliest", "smallest", "beginning")
+        self._producer_conf = dict(producer_config or {
+            k: v for k, v in conf.items()
+            if k in ("bootstrap.servers", "security.protocol", "client.id")
+            or k.startswith(("sasl.", "ssl."))})
+        self._producer: confluent_kafka.Producer | None = None
+        #: (topic, partition) -> [next offset, generation] while this consumer owns it
+        self.owned: dict[tuple[str, int], list[int]] = {}
+        self.attempts: dict[tuple[str, int, int], int] = {}
+        self.dead_lettered = 0
+        self._pending: BaseException | None = None
+        self.consumer = confluent_kafka.Consumer(conf)
+        self.consumer.subscribe(self.topics, on_assign=self._on_assign,
+                                on_revoke=self._on_revoke, on_lost=self._on_revoke)
+
+    # rebalance callbacks run inside consume(); an exception there reaches its caller
+    def _on_assign(self, consumer: Any, partitions: list[Any]) -> None:
+        try:
+            placed = self._positions_for(partitions) if partitions else []
+        except BaseException as exc:
+            self._pending = exc
+            placed = []
+        if self.cooperative:
+            consumer.incremental_assign(placed)
+        else:
+            consumer.assign(placed)
+
+    def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
+        # between batches: the batch in flight committed (or rolled back) before consume()
+        for tp in partitions:
+            self.owned.pop((tp.topic, tp.partition), None)
+
+    def _positions_for(self, partitions: list[Any]) -> list[Any]:
+        raise NotImplementedError
+
+    def _apply(self, batch: list[Message]) -> None:
+        raise NotImplementedError
+
+    def _skip(self, m: Message) -> None:
+        """Move the partition past ``m`` (after it was dead-lettered)."""
+        raise NotImplementedError
+
+    # -- one batch ---------------------------------------------------------------------------
+    def poll_batch(self, timeout: float | None = None) -> int:
+        """Consume up to ``batch_size`` messages (waiting at most ``timeout``, default
+        ``batch_timeout`` seconds) and process them; returns how many were consumed."""
+        raw = self.consumer.consume(self.batch_size, self.batch_timeout if timeout is None
+                                    else timeout)
+        if self._pending is not None:
+            exc, self._pending = self._pending, None
+            raise exc
+        batch: list[Any] = []
+        for m in raw:
+            err = m.error()
+            if err is not None:
+                if err.code() == KafkaError._PARTITION_EOF:
+                    continue
+                raise KafkaException(err)
+            owned = self.owned.get((str(m.topic()), int(m.partition())))
+            # a message of a partition given up in this consume(), or one already applied
+            if owned is None or int(m.offset()) < owned[0]:
+                continue
+            batch.append(m)
+        if batch:
+            self._process(batch)
+        return len(raw)
+
+    def run(self, stop: Callable[[], bool] = lambda: False) -> None:
+        """Process batches until ``stop()`` is true (checked between batches)."""
+        while not stop():
+            self.poll_batch()
+
+    def _message(self, m: Any) -> Message:
+        raw = m.value()
+        msg = Message(m.topic(), m.partition(), m.offset(), m.key(), raw,
+                      tuple(m.headers() or ()), raw)
+        if self.decode is None:
+            return msg
+        try:
+            value = self.decode(raw)
+        except Exception as exc:
+            raise UndecodableMessage(
+                f"{msg.topic}[{msg.partition}]@{msg.offset}: decode failed: "
+                f"{type(exc).__name__}: {exc}",
+                topic=msg.topic, partition=msg.partition, offset=msg.offset) from exc
+        return Message(msg.topic, msg.partition, msg.offset, msg.key, value, msg.headers, raw)
+
+    def _process(self, raw: list[Any]) -> None:
+        try:
+            batch = [self._message(m) for m in raw]
+            self._retried(self._apply, batch)
+            return
+        except (PositionFenced, StoreUnavailable):
+            raise
+        except Exception as exc:
+            if len(raw) == 1:
+                self._one(raw[0], exc)
+                return
+        for m in raw:  # find the poison: one message per transaction, in order
+            self._one(m, None)
+
+    def _one(self, raw: Any, failed: Exception | None) -> None:
+        """Apply one message, up to ``max_attempts`` times; then dead-letter it."""
+        coords = (raw.topic(), raw.partition(), raw.offset())
+        owned = self.owned.get(coords[:2])
+        if owned is None or coords[2] < owned[0]:
+            return  # given up or applied meanwhile
+        while True:
+            if failed is None:
+                try:
+                    self._retried(self._apply, [self._message(raw)])
+                    self.attempts.pop(coords, None)
+                    return
+                except (PositionFenced, StoreUnavailable):
+                    raise
+                except Exception as exc:
+                    failed = exc
+            n = self.attempts[coords] = self.attempts.get(coords, 0) + 1
+            if isinstance(failed, _BAD_INPUT) or n >= self.max_attempts:
+                break
+            _LOG.warning("%s[%d]@%d failed (attempt %d of %d): %r", *coords, n,
+                         self.max_attempts, failed)
+            failed = None
+        if self.dead_letter_topic is None:
+            raise failed
+        self._dead_letter(raw, failed, n)
+        self.attempts.pop(coords, None)
+        self._retried(self._skip, self._bare(raw))
+        self.dead_lettered += 1
+
+    def _bare(self, raw: Any) -> Message:
+        return Message(raw.topic(), raw.partition(), raw.offset(), raw.key(), None,
+                       tuple(raw.headers() or ()), raw.value())
+
+    def _retried(self, fn: Callable[[Any], None], arg: Any) -> None:
+        """``fn(arg)`` under the retry policy; a fault that is not the message's, when the
+        policy gives up, becomes `StoreUnavailable` (nothing moves, nothing is dead-lettered)."""
+        try:
+            for attempt in self.retry:
+                with attempt:
+                    fn(arg)
+        except tenacity.RetryError as exc:  # a policy without reraise=True
+            last = exc.last_attempt.exception()
+            raise StoreUnavailable(f"gave up on {self.group}: {last!r}", cause=last) from last
+        except Exception as exc:
+            if _not_the_message(exc) and not isinstance(exc, StoreUnavailable):
+                raise StoreUnavailable(f"gave up on {self.group}: {exc!r}",
+                                       cause=exc) from exc
+            raise
+
+    def _dead_letter(self, raw: Any, exc: BaseException, attempts: int) -> None:
+        """Publish ``raw`` to the dead-letter topic, its error in the headers, and wait for
+        the broker's acknowledgement (a failure raises: the partition does not move)."""
+        if self._producer is None:
+            self._producer = confluent_kafka.Producer({"acks": "all", **self._producer_conf})
+        outcome: list[Any] = []
+        headers = [
+            *(raw.headers() or ()),
+            ("idempotent-error", f"{type(exc).__name__}: {exc}"[:4000].encode()),
+            ("idempotent-error-type", f"{type(exc).__module__}.{type(exc).__qualname__}"
+             .encode()),
+            ("idempotent-attempts", str(attempts).encode()),
+            ("idempotent-group", self.group.encode()),
+            ("idempotent-topic", raw.topic().encode()),
+            ("idempotent-partition", str(raw.partition()).encode()),
+            ("idempotent-offset", str(raw.offset()).encode()),
+        ]
+        assert self.dead_letter_topic is not None
+        self._producer.produce(self.dead_letter_topic, value=raw.value(), key=raw.key(),
+                               headers=headers, on_delivery=lambda e, m: outcome.append(e))
+        deadline = time.monotonic() + 30
+        while not outcome and time.monotonic() < deadline:
+            self._producer.flush(1.0)
+        if not outcome or outcome[0] is not None:
+            raise KafkaException(outcome[0] if outcome else KafkaError(KafkaError._TIMED_OUT))
+        _LOG.error("%s[%d]@%d dead-lettered to %s after %d attempt(s): %r", raw.topic(),
+                   raw.partition(), raw.offset(), self.dead_letter_topic, attempts, exc)
+
+    def close(self) -> None:
+        """Leave the group and close the Kafka clients."""
+        self.consumer.close()
+        if self._producer is not None:
+            self._producer.flush(10)
+            self._producer = None
+
+    def __enter__(self) -> _Loop:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _watermarks(self, tp: Any) -> tuple[int, int]:
+        low, high = self.consumer.get_watermark_offsets(
+            TopicPartition(tp.topic, tp.partition), timeout=10, cached=False)
+        return int(low), int(high)
+
+
+# -- transactional: positions in the database -----------------------------------------------
+class _PositionsSql:
+    """The statements on the positions table (`idempotent.stores.SqlStore.positions`)."""
+
+    def __init__(self, store: SqlStore, group: str) -> None:
+        t = store.positions
+        self.group = _keys.fit(group)
+        dialect = store.engine.dialect.name
+        insert: Any
+        if dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        elif dialect == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert
+        else:
+            raise TypeError(f"the Kafka positions need PostgreSQL or SQLite, not {dialect}")
+        P = sa.bindparam
+        pk = ((t.c.consumer_group == P("g_group")) & (t.c.topic == P("g_topic"))
+              & (t.c.partition == P("g_partition")))
+        # a partition never seen: its row, at the start Kafka gives (committed/reset)
+        self.create = insert(t).values(
+            consumer_group=P("g_group"), topic=P("g_topic"), partition=P("g_partition"),
+            next_offset=P("g_start"), generation=0, updated_at=P("g_now"),
+        ).on_conflict_do_nothing()
+        # assignment: a new generation fences every earlier owner of the partition
+        self.take = sa.update(t).where(pk).values(
+            generation=t.c.generation + 1, updated_at=P("g_now"),
+        ).returning(t.c.next_offset, t.c.generation)
+        # the fence: only the owner of this generation, from the offset its batch began at
+        self.advance = sa.update(t).where(
+            pk & (t.c.generation == P("g_gen")) & (t.c.next_offset == P("g_from"))
+        ).values(next_offset=P("g_to"), updated_at=P("g_now"))
+        self.read = sa.select(t.c.next_offset, t.c.generation).where(pk)
+
+    def params(self, topic: str, partition: int, **more: Any) -> dict[str, Any]:
+        return {"g_group": self.group, "g_topic": topic, "g_partition": partition,
+                "g_now": time.time(), **more}
+
+
+class TransactionalConsumer(_Loop):
+    """A consumer group member whose batches commit with their positions (see the module).
+
+    * ``config``: the confluent-kafka consumer config (``group.id`` required; auto-commit
+      and auto offset store are turned off; ``auto.offset.reset`` picks the start of a
+      partition with no stored position and no Kafka committed offset).
+    * ``store``: a `SqlStore` (PostgreSQL or SQLite, sync engine) whose database holds the
+      handler's tables; ``create_schema()`` or ``idempotent db upgrade`` makes the
+      positions table.
+    * ``handler(messages, connection)``: the batch's writes, on the transaction's
+      connection; it must not commit. `each` adapts a per-message handler.
+    * ``key``: business-key dedup (`header`, `message_key`, or a callable over a
+      `Message`): messages whose key was recorded before (in ``namespace``, for ``ttl``
+      seconds) are dropped before the handler; None: positions only.
+    * ``decode``: bytes -> value (``json.loads``); its failure is bad input.
+    * ``batch_size``, ``batch_timeout``: up to N messages or T seconds per transaction.
+    * ``max_attempts``, ``dead_letter_topic``: poison handling (see the module).
+    * ``retry``: the tenacity policy for transient database faults (default: exponential
+      backoff up to 60 s, then `StoreUnavailable`).
+    """
+
+    def __init__(self, config: Mapping[str, Any], store: SqlStore, topics: Sequence[str],
+                 handler: Callable[[list[Message], sa.Connection], Any], *,
+                 key: KeyFunction | None = None, namespace: str | None = None,
+                 ttl: float = DEFAULT_TTL, decode: Callable[[bytes | None], Any] | None = None,
+                 batch_size: int = 500, batch_timeout: float = 0.1, max_attempts: int = 3,
+                 dead_letter_topic: str | None = None,
+                 producer_config: Mapping[str, Any] | None = None,
+                 retry: tenacity.Retrying | None = None) -> None:
+        if not isinstance(store, SqlStore) or store.is_async:
+            raise TypeError("TransactionalConsumer needs a SqlStore with a sync engine")
+        self.store, self.handler, self.key, self.ttl = store, handler, key, ttl
+        name = namespace or f"{handler.__module__}.{handler.__qualname__}"
+        _keys.check_text("namespace", name)
+        self.namespace = name
+        _keys.check_text("consumer group", str(config.get("group.id", "")))
+        self.sql = _PositionsSql(store, str(config.get("group.id", "")))
+        super().__init__(config, topics, decode=decode, batch_size=batch_size,
+                         batch_timeout=batch_timeout, max_attempts=max_attempts,
+                         dead_letter_topic=dead_letter_topic,
+                         producer_config=producer_config, retry=retry)
+
+    def position(self, topic: str, partition: int) -> tuple[int, int] | None:
+        """The stored ``(next_offset, generation)`` of a partition (None: no row)."""
+        with self.store.engine.connect() as conn:
+            row = conn.execute(self.sql.read, self.sql.params(topic, partition)).first()
+        return None if row is None else (int(row[0]), int(row[1]))
+
+    def _positions_for(self, partitions: list[Any]) -> list[Any]:
+        """Take each assigned partition (a new generation) and seek it to its stored
+        position; a partition without a row starts at Kafka's committed offset, else at
+        ``auto.offset.reset``."""
+        committed = {(tp.topic, tp.partition): tp.offset
+                     for tp in self.consumer.committed(partitions, timeout=10)}
+        marks = {(tp.topic, tp.partition): self._watermarks(tp) for tp in partitions}
+        taken: dict[tuple[str, int], tuple[int, int]] = {}
+
+        def take(_: Any) -> None:
+            taken.clear()
+            with self.store.engine.begin() as conn:
+                for tp in partitions:
+                    tpk = (tp.topic, tp.partition)
+                    low, high = marks[tpk]
+                    start = committed.get(tpk, -1)
+                    if start is None or start < 0:
+                        start = low if self.from_start else high
+                    params = self.sql.params(tp.topic, tp.partition, g_start=start)
+                    conn.execute(self.sql.create, params)
+                    offset, generation = conn.execute(self.sql.take, params).one()
+                    if offset < 0 or not low <= offset <= high:
+                        raise InvalidPosition(
+                            f"{self.group}: the stored position of {tp.topic}[{tp.partition}] "
+                            f"is {offset}, outside the partition's offsets {low}..{high}; "
+                            "nothing consumed from it",
+                            group=self.group, topic=tp.topic, partition=tp.partition,
+                            offset=int(offset), low=low, high=high)
+                    taken[tpk] = (int(offset), int(generation))
+
+        self._retried(take, None)
+        placed = []
+        for tp in partitions:
+            offset, generation = taken[(tp.topic, tp.partition)]
+            self.owned[(tp.topic, tp.partition)] = [offset, generation]
+            placed.append(TopicPartition(tp.topic, tp.partition, offset))
+        return placed
+
+    def _keys_of(self, batch: list[Message]) -> list[str]:
+        assert self.key is not None
+        out = []
+        for m in batch:
+            text = _keys.as_key_text(self.key(m))
+            if text is None:
+                raise MissingIdempotencyKey(
+                    f"{self.namespace}: {m.topic}[{m.partition}]@{m.offset} has no key; not "
+                    "processed, nothing recorded", namespace=self.namespace)
+            _keys.check_text("key", text)
+            out.append(text)
+        return out
+
+    def _apply(self, batch: list[Message]) -> None:
+        """One transaction: business keys, the handler, the fenced positions."""
+        spans: dict[tuple[str, int], tuple[int, int]] = {}
+        for m in batch:
+            tpk = (m.topic, m.partition)
+            first = spans[tpk][0] if tpk in spans else m.offset
+            spans[tpk] = (first, m.offset + 1)
+        fresh = batch
+        keys = self._keys_of(batch) if self.key is not None else None
+        try:
+            with self.store.engine.begin() as conn:
+                if keys is not None:
+                    new = self.store.record_many(conn, self.namespace, keys, ttl=self.ttl)
+                    fresh, seen = [], set()
+                    for m, k in zip(batch, keys, strict=True):
+                        if k in new and k not in seen:
+                            fresh.append(m)
+                            seen.add(k)
+                if fresh:
+                    self.handler(fresh, conn)
+                self._advance(conn, spans)
+        except _Moved as moved:
+            self._after_refusal(moved, spans)
+        self._committed(spans)
+
+    def _skip(self, m: Message) -> None:
+        spans = {(m.topic, m.partition): (m.offset, m.offset + 1)}
+        try:
+            with self.store.engine.begin() as conn:
+                self._advance(conn, spans)
+        except _Moved as moved:
+            self._after_refusal(moved, spans)
+        self._committed(spans)
+
+    def _advance(self, conn: sa.Connection, spans: dict[tuple[str, int], tuple[int, int]]
+                 ) -> None:
+        for (topic, partition), (_, end) in spans.items():
+            owned = self.owned.get((topic, partition))
+            if owned is None:
+                raise _Moved(topic, partition)
+            params = self.sql.params(topic, partition, g_gen=owned[1], g_from=owned[0],
+                                     g_to=end)
+            if conn.execute(self.sql.advance, params).rowcount != 1:
+                raise _Moved(topic, partition)  # rolls the whole transaction back
+
+    def _after_refusal(self, moved: _Moved, spans: dict[tuple[str, int], tuple[int, int]]
+                       ) -> None:
+        """The fence refused the batch (rolled back). If the row holds exactly what this
+        batch would have written, under our generation, an earlier attempt of this very
+        batch committed (its COMMIT's answer was lost): done. Otherwise: fenced."""
+        found = {tpk: self.position(*tpk) for tpk in spans}
+        if all(tpk in self.owned and found[tpk] == (end, self.owned[tpk][1])
+               for tpk, (_, end) in spans.items()):
+            return
+        owned = self.owned.get((moved.topic, moved.partition))
+        self.owned.pop((moved.topic, moved.partition), None)
+        raise PositionFenced(
+            f"{self.group}: {moved.topic}[{moved.partition}] belongs to a newer generation "
+            f"(stored {found[(moved.topic, moved.partition)]}, ours {owned}); the batch was "
+            "rolled back, nothing written",
+            group=self.group, topic=moved.topic, partition=moved.partition,
+            generation=None if owned is None else owned[1],
+            start=None if owned is None else owned[0],
+            found=found[(moved.topic, moved.partition)])
+
+    def _committed(self, spans: dict[tuple[str, int], tuple[int, int]]) -> None:
+        """After COMMIT: our next offsets, and Kafka's committed offsets (monitoring)."""
+        offsets = []
+        for (topic, partition), (_, end) in spans.items():
+            owned = self.owned.get((topic, partition))
+            if owned is not None:
+                owned[0] = end
+            offsets.append(TopicPartition(topic, partition, end))
+        try:
+            self.consumer.commit(offsets=offsets, asynchronous=True)
+        except KafkaException as exc:  # lag monitoring only; the database has the truth
+            _LOG.debug("Kafka offset commit (monitoring only) failed: %r", exc)
+
+
+class _Moved(Exception):
+    """Internal: the fenced UPDATE matched no row."""
+
+    def __init__(self, topic: str, partition: int) -> None:
+        self.topic, self.partition = topic, partition
+
+
+# -- lease mode: effects outside the database -------------------------------------------------
+class LeaseConsumer(_Loop):
+    """A consumer for handlers whose effects leave the database.
+
+    ``handler(message)`` is called once per message, in order; make it an ``@idempotent``
+    lease-mode handler keyed by `offset_key` (one key per delivery position) or by a
+    business key, so a redelivery after a crash or a rebalance returns the stored result
+    instead of repeating the effect. Kafka offsets are committed (synchronously) after
+    each batch's handlers returned; a crash before that redelivers the batch, which the
+    records deduplicate. `AlreadyInProgress` (the previous owner still runs the message),
+    `LeaseLost` and `StoreUnavailable` are retried, not counted as attempts. Other
+    arguments as `TransactionalConsumer`.
+    """
+
+    def __init__(self, config: Mapping[str, Any], topics: Sequence[str],
+                 handler: Callable[[Message], Any], *,
+                 decode: Callable[[bytes | None], Any] | None = None, batch_size: int = 100,
+                 batch_timeout: float = 0.1, max_attempts: int = 3,
+                 dead_letter_topic: str | None = None,
+                 producer_config: Mapping[str, Any] | None = None,
+                 retry: tenacity.Retrying | None = None) -> None:
+        if inspect.iscoroutinefunction(handler):
+            raise TypeError("LeaseConsumer runs sync handlers (confluent-kafka is sync)")
+        self.handler = handler
+        super().__init__(config, topics, decode=decode, batch_size=batch_size,
+                         batch_timeout=batch_timeout, max_attempts=max_attempts,
+                         dead_letter_topic=dead_letter_topic,
+                         producer_config=producer_config, retry=retry)
+
+    def _positions_for(self, partitions: list[Any]) -> list[Any]:
+        """Kafka's committed offsets (``auto.offset.reset`` without one)."""
+        committed = self.consumer.committed(partitions, timeout=10)
+        placed = []
+        for tp in committed:
+            offset: int = tp.offset
+            if offset < 0:
+                low, high = self._watermarks(tp)
+                offset = low if self.from_start else high
+            self.owned[(str(tp.topic), int(tp.partition))] = [offset, 0]
+            placed.append(TopicPartition(tp.topic, tp.partition, offset))
+        return placed
+
+    def _apply(self, batch: list[Message]) -> None:
+        ends: dict[tuple[str, int], int] = {}
+        for m in batch:
+            if (m.topic, m.partition) not in self.owned:
+                continue
+            self.handler(m)
+            ends[(m.topic, m.partition)] = m.offset + 1
+            self._commit(ends)
+        ends.clear()
+
+    def _skip(self, m: Message) -> None:
+        self._commit({(m.topic, m.partition): m.offset + 1})
+
+    def _commit(self, ends: Mapping[tuple[str, int], int]) -> None:
+        for tpk, end in ends.items():
+            owned = self.owned.get(tpk)
+            if owned is not None:
+                owned[0] = max(owned[0], end)
+
+    def poll_batch(self, timeout: float | None = None) -> int:
+        """As `TransactionalConsumer.poll_batch`; then Kafka's offsets are committed."""
+        n = super().poll_batch(timeout)
+        offsets = [TopicPartition(t, p, o[0]) for (t, p), o in self.owned.items()]
+        if n and offsets:
+            try:
+                self.consumer.commit(offsets=offsets, asynchronous=False)
+            except KafkaException as exc:  # a rebalance: the records dedup the redelivery
+                _LOG.warning("Kafka offset commit failed: %r", exc)
+        return n
+
