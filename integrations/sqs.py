@@ -824,10 +824,12 @@ class SqsConsumer:
 
     # -- the loop ----------------------------------------------------------------------
     def run(self, stop: threading.Event | None = None, *,
-            max_idle_polls: int | None = None) -> None:
+            max_idle_polls: int | None = None,
+            on_outcome: Callable[[Outcome], None] | None = None) -> None:
         """Poll until ``stop`` is set (checked between messages and between polls), or
-        until ``max_idle_polls`` receives in a row returned nothing. A failing receive is
-        logged and retried with backoff, up to 30 s apart."""
+        until ``max_idle_polls`` receives in a row returned nothing. ``on_outcome`` gets
+        every `Outcome` (for logs and metrics), after its batch was deleted. A failing
+        receive is logged and retried with backoff, up to 30 s apart."""
         idle = errors = 0
         while stop is None or not stop.is_set():
             try:
@@ -844,6 +846,9 @@ class SqsConsumer:
                     time.sleep(pause)
                 continue
             errors = 0
+            if on_outcome is not None:
+                for outcome in outcomes:
+                    on_outcome(outcome)
             idle = 0 if outcomes else idle + 1
             if max_idle_polls is not None and idle >= max_idle_polls:
                 return
