@@ -619,6 +619,7 @@ class SqsConsumer:
         self.max_messages = max_messages
         self.dead_letter_queue_url = dead_letter_queue_url
         self.retry_delay = retry_delay
+        self.fifo = queue_url.endswith(".fifo")
         self.stats: dict[str, int] = dict.fromkeys(
             ("received", "processed", "duplicate", "failed", "poison", "bad_input", "retry",
              "deleted", "delete_failed", "dead_lettered", "dead_letter_failed"), 0)
@@ -655,7 +656,9 @@ class SqsConsumer:
     def poll(self, stop: threading.Event | None = None) -> list[Outcome]:
         """One long-poll receive and its messages applied in order; the processed ones
         deleted in one batch call, the others left for redelivery or dead-lettered.
-        ``stop`` set between messages: the rest are made visible again at once."""
+        ``stop`` set between messages: the rest are made visible again at once. On a FIFO
+        queue, the messages of a group after one that was not processed are not run in
+        this batch (they come back after it, in order)."""
         since = time.monotonic()
         reply = self.client.receive_message(
             QueueUrl=self.queue_url, MaxNumberOfMessages=self.max_messages,
@@ -669,10 +672,20 @@ class SqsConsumer:
         outcomes: list[Outcome] = []
         to_delete: list[dict[str, Any]] = []
         later: list[tuple[dict[str, Any], float]] = []
+        blocked: set[str] = set()  # FIFO message groups with a failed message in this batch
+        taken = 0  # messages handled (processed or held back), in order
         try:
             for m in messages:
                 if stop is not None and stop.is_set():
                     break
+                group = (m.get("Attributes") or {}).get("MessageGroupId")
+                if group is not None and group in blocked:
+                    # FIFO: a later message of a group whose earlier one failed must not
+                    # overtake it; SQS holds the group back while the failed one is away
+                    self._visibility.forget([m["ReceiptHandle"]])
+                    later.append((m, 0.0))
+                    taken += 1
+                    continue
                 outcome = self.handler.process(m)
                 outcomes.append(outcome)
                 self.stats[outcome.status.value] += 1
@@ -683,6 +696,9 @@ class SqsConsumer:
                     self._visibility.forget([m["ReceiptHandle"]])
                     if delay is not None:
                         later.append((m, delay))
+                    if group is not None and self.fifo:
+                        blocked.add(group)
+                taken += 1
         finally:
             # also on KeyboardInterrupt: what committed is deleted, the rest made visible
             deleting = {id(m) for m in to_delete}
@@ -692,7 +708,7 @@ class SqsConsumer:
                 self._delete(to_delete)
             finally:
                 self._visibility.forget(m["ReceiptHandle"] for m in to_delete)
-                not_run = [(m, 0.0) for m in messages[len(outcomes):]]
+                not_run = [(m, 0.0) for m in messages[taken:]]
                 self._set_visibility(later + not_run)
         return outcomes
 

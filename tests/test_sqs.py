@@ -457,3 +457,31 @@ def test_store_down_is_not_the_messages_fault(sqs: Any, pg_url: str) -> None:
     assert all(isinstance(o.error, StoreUnavailable) for o in outcomes)
     assert consumer.stats["dead_lettered"] == 0 and consumer.stats["deleted"] == 0
     assert queue_counts(sqs, url)[0] + queue_counts(sqs, url)[1] == 1
+
+
+def test_fifo_group_order_holds_after_a_failure(sqs: Any, db: Any) -> None:
+    """FIFO: f0 fails once; f1, of the same group and in the same batch, is not run before
+    f0 succeeds; g0 of another group goes on. Each is applied once, f0 before f1."""
+    _, store, _ = db
+    url, dlq = make_queue(sqs, dlq=True, fifo=True)
+    order: list[str] = []
+    failed_once: set[str] = set()
+
+    @sqs_handler(store, key=message_id, namespace="tests.sqs.fifo")
+    def apply(message: SqsMessage) -> None:
+        pid = message.body["payment_id"]
+        if pid == "f0" and pid not in failed_once:
+            failed_once.add(pid)
+            raise Declined("first attempt fails")
+        order.append(pid)
+
+    for i, (pid, group) in enumerate([("f0", "f"), ("f1", "f"), ("g0", "g")]):
+        sqs.send_message(QueueUrl=url, MessageBody=json.dumps({"payment_id": pid}),
+                         MessageGroupId=group, MessageDeduplicationId=str(i))
+    with SqsConsumer(sqs, url, apply, wait_time=1, dead_letter_queue_url=dlq,
+                     retry_delay=0) as consumer:
+        first = consumer.poll()
+        assert Status.FAILED in {o.status for o in first} and "f1" not in order
+        wait_until(lambda: consumer.poll() == [] and queue_counts(sqs, url) == (0, 0), 30,
+                   "the queue drained", poll=0)
+    assert sorted(order) == ["f0", "f1", "g0"] and order.index("f0") < order.index("f1")
