@@ -412,8 +412,9 @@ class Consumer:
             try:
                 self._connection = pika.BlockingConnection(params)
                 self._consume(self._connection, on_ready)
-            except (pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError,
-                    pika.exceptions.StreamLostError, ConnectionError) as exc:
+            except (pika.exceptions.AMQPError, ConnectionError) as exc:
+                # the connection or the channel was lost or closed by the broker (a
+                # restart, consumer_timeout): what we had not acked is redelivered
                 if self._stopping:
                     break
                 logger.warning("%s: connection lost (%r); reconnecting", self.queue, exc)

@@ -36,17 +36,22 @@ RABBITMQCTL = "/usr/lib/rabbitmq/bin/rabbitmqctl"
 START_TIMEOUT = 90.0  # seconds: ~8 s on an idle 2-core machine, much more under load
 STOP_TIMEOUT = 30.0
 _POLL = 0.1
+DEFAULT_ADVANCED = "[{rabbit, [{channel_tick_interval, 500}]}]."
 
 
 class RabbitServer:
     """One RabbitMQ node (and its ``epmd``) that this process started and owns.
 
-    ``config`` is the text of a ``rabbitmq.conf`` (new-style, ``key = value`` lines), for
-    settings such as ``consumer_timeout``.
+    ``advanced`` is the text of the node's ``advanced.config`` (Erlang terms), e.g.
+    ``[{rabbit, [{consumer_timeout, 2000}]}].``; `set_env` changes a setting of the running
+    node. Default: the channels check their consumers' ack timeout every half second
+    (``channel_tick_interval``; RabbitMQ's default is a minute), so a test of
+    ``consumer_timeout`` takes seconds.
     """
 
-    def __init__(self, config: str = "", *, start_timeout: float = START_TIMEOUT) -> None:
-        self.config = config
+    def __init__(self, advanced: str = DEFAULT_ADVANCED, *,
+                 start_timeout: float = START_TIMEOUT) -> None:
+        self.advanced = advanced
         self.start_timeout = start_timeout
         self._dir: Path | None = None
         self._proc: subprocess.Popen[bytes] | None = None
@@ -91,7 +96,7 @@ class RabbitServer:
             "RABBITMQ_MNESIA_BASE": str(t / "mnesia"),
             "RABBITMQ_LOG_BASE": str(t / "log"),
             "RABBITMQ_ENABLED_PLUGINS_FILE": str(t / "plugins"),
-            "RABBITMQ_CONFIG_FILE": str(t / "rabbitmq.conf"),
+            "RABBITMQ_ADVANCED_CONFIG_FILE": str(t / "advanced.config"),
             "ERL_EPMD_ADDRESS": HOST,
             "ERL_EPMD_PORT": str(self.epmd_port),
         })
@@ -107,7 +112,7 @@ class RabbitServer:
         try:
             self._dir = Path(tempfile.mkdtemp(prefix="idem-rmq-", dir="/tmp"))
             (self._dir / "plugins").write_text("[].\n")
-            (self._dir / "rabbitmq.conf").write_text(self.config + "\n")
+            (self._dir / "advanced.config").write_text(self.advanced + "\n")
             self.port, self.dist_port, self.epmd_port = free_port(), free_port(), free_port()
             self._start_epmd()
             self._spawn()
@@ -124,7 +129,8 @@ class RabbitServer:
             start_new_session=True, preexec_fn=_die_with_parent(signal.SIGTERM),
         )
 
-    def _log_text(self) -> str:
+    def log_text(self) -> str:
+        """The node's logs, all of them (every start)."""
         texts = []
         for p in sorted((self.tmpdir / "log").glob("*.log")):
             with contextlib.suppress(OSError):
@@ -136,7 +142,7 @@ class RabbitServer:
     def _spawn(self) -> None:
         self.starts += 1
         marker = f"started TCP listener on {HOST}:{self.port}"
-        seen = self._log_text().count(marker)
+        seen = self.log_text().count(marker)
         with open(self.tmpdir / "out.log", "ab") as out:
             self._proc = subprocess.Popen(
                 [RABBITMQ_SERVER], env=self._env(), cwd=self.tmpdir,
@@ -148,7 +154,7 @@ class RabbitServer:
             rc = self._proc.poll()
             if rc is not None:
                 raise ServerError(f"rabbitmq-server exited with {rc}:\n{self._tail()}")
-            if self._log_text().count(marker) > seen and self._handshake():
+            if self.log_text().count(marker) > seen and self._handshake():
                 return
             if time.monotonic() > deadline:
                 raise ServerError(f"rabbitmq on port {self.port} not ready after "
@@ -166,7 +172,7 @@ class RabbitServer:
         return True
 
     def _tail(self, lines: int = 40) -> str:
-        return "\n".join(self._log_text().splitlines()[-lines:])
+        return "\n".join(self.log_text().splitlines()[-lines:])
 
     def _stop_node(self, sig: int) -> None:
         """``sig`` to the node's process group (the script, the VM, its helpers: all ours),
@@ -224,6 +230,14 @@ class RabbitServer:
         self.stop()
 
     # ------------------------------------------------------------------ inspection
+    def set_env(self, key: str, value: str) -> None:
+        """``application:set_env(rabbit, key, value)`` on the running node (``value`` an
+        Erlang term); channels opened afterwards see it (``consumer_timeout``)."""
+        subprocess.run(
+            [RABBITMQCTL, "-n", self.nodename, "-q", "eval",
+             f"application:set_env(rabbit, {key}, {value})."],
+            env=self._env(), capture_output=True, timeout=60, check=True)
+
     def queue_counts(self, name: str) -> tuple[int, int]:
         """(ready, unacked) messages of queue ``name``, from ``rabbitmqctl`` (a second or
         two); (-1, -1) when the node does not answer."""

@@ -275,3 +275,41 @@ def test_outcomes_of_the_processor(db: tuple[sa.Engine, SqlStore]) -> None:
     assert isinstance(p.outcome(StoreUnavailable("down"), None), Requeue)
     with pytest.raises(ValueError):
         Processor(fails, store, queue="q", max_deliveries=0)
+
+
+def test_consumer_timeout_redelivery_is_a_duplicate(db: tuple[sa.Engine, SqlStore],
+                                                    queue: tuple[str, str, str],
+                                                    rabbit: RabbitServer) -> None:  # noqa: F811
+    """A handler slower than RabbitMQ's consumer_timeout: the broker closes the channel
+    while the handler still runs; the handler's transaction commits, its ack is lost with
+    the channel, the consumer reconnects, and the redelivery is acked as a duplicate without
+    running: one ledger row, one run."""
+    engine, store = db
+    url, q, dlx = queue
+    runs: list[bool] = []
+    timed_out = "delivery acknowledgement on channel"
+    before = rabbit.log_text().count(timed_out)
+
+    def slow(message: Message, *, connection: sa.Connection) -> Any:
+        runs.append(message.redelivered)
+        out = apply_payment(message, connection=connection)
+        # hold the first run until the broker has given up on its ack
+        wait_until(lambda: rabbit.log_text().count(timed_out) > before, 60,
+                   "the broker closed the channel (consumer_timeout)")
+        return out
+
+    events: list[str] = []
+    rabbit.set_env("consumer_timeout", "1500")  # for channels opened from now on
+    try:
+        publish(url, q, [(payments(1)[0], {"message_id": "slow-1"})])
+        consumer = Consumer(slow, store, queue=q, dead_letter_exchange=dlx,
+                            namespace="amqp.slow", reconnect_delay=0.1)
+        with listening(lambda e: events.append(e.kind)), running(consumer, url):
+            wait_until(lambda: events.count("duplicate") == 1, 60, "redelivery acked",
+                       lambda: str(events))
+            wait_until(lambda: ready_count(url, q) == 0, 30, "queue empty")
+    finally:
+        rabbit.set_env("consumer_timeout", "1800000")  # RabbitMQ's default, 30 min
+    assert rows(engine) == Counter({"pay-00000": 1})
+    assert runs == [False]  # the redelivery did not run the handler
+    assert events.count("completed") == 1 and events.count("duplicate") == 1
