@@ -56,6 +56,7 @@ from typing import Any
 import tenacity
 
 from idempotent import (
+    DEFAULT_TTL,
     AlreadyInProgress,
     IdempotencyError,
     IdempotencyKeyConflict,
@@ -299,6 +300,7 @@ class SqsHandler:
             store, key=key, fingerprint=_fingerprint(fingerprint), **options)(fn)
         self.namespace: str = self._call.namespace  # type: ignore[attr-defined]
         self.store = store
+        self.ttl = float(options.get("ttl", DEFAULT_TTL))
 
     def _note(self, event: Event) -> None:
         # which outcome the delivery had (completed / duplicate), for Outcome.status
@@ -623,11 +625,10 @@ class SqsConsumer:
         self.stats: dict[str, int] = dict.fromkeys(
             ("received", "processed", "duplicate", "failed", "poison", "bad_input", "retry",
              "deleted", "delete_failed", "dead_lettered", "dead_letter_failed"), 0)
-        if dead_letter_queue_url is None:
-            if max_receives is not None:
-                raise ValueError("max_receives= is for dead_letter_queue_url=; the queue's "
-                                 "redrive policy has its own maxReceiveCount")
-            self._check_redrive()
+        if dead_letter_queue_url is None and max_receives is not None:
+            raise ValueError("max_receives= is for dead_letter_queue_url=; the queue's "
+                             "redrive policy has its own maxReceiveCount")
+        self._check_queue()
         self.max_receives = max_receives if max_receives is not None else 5
         self._retrying = tenacity.Retrying(
             stop=tenacity.stop_after_attempt(max(delete_attempts, 1)),
@@ -637,15 +638,26 @@ class SqsConsumer:
             reraise=True)
         self._visibility = _Visibility(client, queue_url, self.visibility_timeout)
 
-    def _check_redrive(self) -> None:
-        reply = self.client.get_queue_attributes(QueueUrl=self.queue_url,
-                                                 AttributeNames=["RedrivePolicy"])
-        if not reply.get("Attributes", {}).get("RedrivePolicy"):
+    def _check_queue(self) -> None:
+        """One GetQueueAttributes: without a dead-letter queue of ours the queue must have
+        a redrive policy (`ValueError`); a key ``ttl`` shorter than the queue's retention
+        period is logged (a message redelivered after its key expired runs again)."""
+        reply = self.client.get_queue_attributes(
+            QueueUrl=self.queue_url, AttributeNames=["RedrivePolicy", "MessageRetentionPeriod"])
+        attrs = reply.get("Attributes", {})
+        if self.dead_letter_queue_url is None and not attrs.get("RedrivePolicy"):
             raise ValueError(
                 f"{self.queue_url} has no redrive policy and no dead_letter_queue_url= was "
                 "given: a message that always fails would be received forever. Give the "
                 "queue a RedrivePolicy (deadLetterTargetArn, maxReceiveCount) or pass "
                 "dead_letter_queue_url=")
+        retention = float(attrs.get("MessageRetentionPeriod") or 0)
+        if retention > self.handler.ttl:
+            logger.warning(
+                "%s keeps messages %.0f s, longer than the ttl of %s's keys (%.0f s): a "
+                "message redelivered after its key expired would run again; give "
+                "sqs_handler(ttl=) at least the retention period", self.queue_url,
+                retention, self.handler.namespace, self.handler.ttl)
 
     @property
     def extended(self) -> int:
