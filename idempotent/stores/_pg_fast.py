@@ -18,7 +18,7 @@ import hashlib
 import operator
 import re
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
@@ -116,8 +116,13 @@ class PgFastPath:
 
     def __init__(
         self, *, read: Any, claim: Any, done: Any, store_result: Any, delete_expired: Any,
-        lock_timeout: float | None,
+        lock_timeout: float | None, asynchronous: bool = False,
     ) -> None:
+        # asynchronous (an async engine's psycopg AsyncConnection): the same statements,
+        # inlined instead of prepared, sent through libpq's non-blocking calls and
+        # awaited on the event loop (a claim waiting on a row lock must not block it)
+        self.prepared = not asynchronous
+        self._run: Callable[[Connection, bytes], Any] = _exec_async if asynchronous else _exec
         self.read, self.claim, self.done = Compiled(read), Compiled(claim), Compiled(done)
         self.store_result, self.delete_expired = Compiled(store_result), Compiled(
             delete_expired)
@@ -140,7 +145,7 @@ class PgFastPath:
         # fail again. (store_result and delete_expired are never prepared, for the same
         # reason: a transaction that lost its prepared statement would be lost with it;
         # the claim, first in line, can recover.)
-        self.done_prepared = True
+        self.done_prepared = self.prepared
         ms = None if lock_timeout is None else max(1, int(lock_timeout * 1000))
         # A concurrent delivery of the same key waits at most lock_timeout: pessimistic, it
         # is set with the claim and holds for the whole transaction (the handler's own lock
@@ -161,7 +166,7 @@ class PgFastPath:
         raw: Any = conn.connection.driver_connection
         lit = info[self.prepared_flag] = literal_quoter(
             pq.Escaping(raw.pgconn).escape_literal, raw.info.encoding)
-        return lit, self.prepare
+        return lit, self.prepare if self.prepared else b""
 
     def begin(
         self, conn: Connection, params: dict[str, Any], optimistic: bool
@@ -174,22 +179,26 @@ class PgFastPath:
         if raw.isolation_level is not None:  # the engine's isolation level, as psycopg would
             begin += b" ISOLATION LEVEL " + raw.isolation_level.name.replace("_", " ").encode()
         begin += b"; "
-        if optimistic:
+        if not self.prepared:
+            stmt = (self.read.inline(self.read.args(lit, params)) if optimistic
+                    else self.set_lock + self.claim.inline(self.claim.args(lit, params)))
+        elif optimistic:
             stmt = b"".join((self.execute_read, b",".join(self.read.args(lit, params)), b")"))
         else:
             stmt = b"".join((self.set_lock, self.execute_claim,
                              b",".join(self.claim.args(lit, params)), b")"))
+        run = self._run
         try:
             try:  # PREPARE after BEGIN: an isolation level must come first; rollbacks keep it
-                res = _exec(conn, begin + prepare + stmt)
+                res = run(conn, begin + prepare + stmt)
             except Exception as exc:
                 state = getattr(exc, "sqlstate", None)
-                if state == "42P05":  # prepared already (by an earlier store on this session)
-                    res = _exec(conn, b"ROLLBACK; " + begin + stmt)
-                elif state == "26000":
+                if state == "42P05" and self.prepared:  # prepared already (an earlier store)
+                    res = run(conn, b"ROLLBACK; " + begin + stmt)
+                elif state == "26000" and self.prepared:
                     # psycopg ran DEALLOCATE ALL (it does on its own rollbacks and after
                     # DDL): nothing ran in this transaction yet; prepare again and claim
-                    res = _exec(conn, b"ROLLBACK; " + begin + self.prepare + stmt)
+                    res = run(conn, b"ROLLBACK; " + begin + self.prepare + stmt)
                 else:
                     raise
         except Exception as exc:
@@ -200,7 +209,7 @@ class PgFastPath:
                 return None, False
             record, expired = _record_from_text(res)
             if not expired:  # a duplicate: end the transaction here,
-                _exec(conn, b"ROLLBACK")  # through libpq (psycopg would DEALLOCATE ALL)
+                run(conn, b"ROLLBACK")  # through libpq (psycopg would DEALLOCATE ALL)
             return record, expired
         if res.ntuples:
             return None, False
@@ -212,8 +221,10 @@ class PgFastPath:
     def _read_after_rollback(
         self, conn: Connection, lit: Literal, params: dict[str, Any]
     ) -> tuple[Record, bool]:
-        res = _exec(conn, b"".join((b"ROLLBACK; ", self.execute_read,
-                                    b",".join(self.read.args(lit, params)), b")")))
+        args = self.read.args(lit, params)
+        read = (b"".join((self.execute_read, b",".join(args), b")")) if self.prepared
+                else self.read.inline(args))
+        res = self._run(conn, b"ROLLBACK; " + read)
         if not res.ntuples:
             raise sa.exc.InvalidRequestError(
                 "idempotency record vanished between claim and read (purged?)"
@@ -242,7 +253,7 @@ class PgFastPath:
         else:
             query = self.store_result.inline(self.store_result.args(lit, params)) + b"; COMMIT"
         try:
-            res = _exec(conn, query)
+            res = self._run(conn, query)
         except Exception as exc:
             state = getattr(exc, "sqlstate", None)
             if optimistic and state == "23505":  # unique_violation: a concurrent delivery won
@@ -298,22 +309,51 @@ def _record_from_text(res: Any) -> tuple[Record, bool]:
 
 def _exec(conn: Connection, query: bytes) -> Any:
     """Run ``query`` on the raw libpq connection; raise psycopg's error on failure."""
+    raw: Any = conn.connection.driver_connection
+    return _checked(conn, raw, raw.pgconn.exec_(query))
+
+
+def _exec_async(conn: Connection, query: bytes) -> Any:
+    """`_exec` for an asyncio psycopg connection: ``query`` sent with libpq's
+    non-blocking calls and awaited on the event loop (inside the greenlet bridge, with
+    ``await_only``); the last statement's result, as ``exec_`` gives."""
+    from psycopg import pq
+    from psycopg.generators import execute
+    from sqlalchemy.util import await_only
+
+    raw: Any = conn.connection.driver_connection
+    try:
+        raw.pgconn.send_query(query)
+        results = await_only(raw.wait(execute(raw.pgconn)))
+    except Exception:
+        if raw.pgconn.status != pq.ConnStatus.OK:
+            _lost(conn)
+        raise
+    return _checked(conn, raw, results[-1])
+
+
+def _checked(conn: Connection, raw: Any, res: Any) -> Any:
     import psycopg
     from psycopg import pq
 
-    raw: Any = conn.connection.driver_connection
-    res = raw.pgconn.exec_(query)
     if res.status in (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK):
         return res
     if raw.pgconn.status != pq.ConnStatus.OK:
-        lost = psycopg.OperationalError("the connection to PostgreSQL was lost")
-        # As SQLAlchemy does on a disconnect: the server restarted (or dropped us), so
-        # every connection pooled before now is suspect. Invalidating the pool makes
-        # them reconnect on checkout; invalidating only this one would let each retry
-        # draw another dead connection.
-        invalidate_pool = getattr(conn.engine.pool, "_invalidate", None)
-        if invalidate_pool is not None:
-            invalidate_pool(conn.connection, lost)
-        conn.invalidate()  # a dead connection must not go back to the pool
-        raise lost
+        _lost(conn)
     raise psycopg.errors.error_from_result(res, encoding=raw.info.encoding)
+
+
+def _lost(conn: Connection) -> NoReturn:
+    """The connection died under a statement: invalidate it (and the pool), raise."""
+    import psycopg
+
+    lost = psycopg.OperationalError("the connection to PostgreSQL was lost")
+    # As SQLAlchemy does on a disconnect: the server restarted (or dropped us), so
+    # every connection pooled before now is suspect. Invalidating the pool makes
+    # them reconnect on checkout; invalidating only this one would let each retry
+    # draw another dead connection.
+    invalidate_pool = getattr(conn.engine.pool, "_invalidate", None)
+    if invalidate_pool is not None:
+        invalidate_pool(conn.connection, lost)
+    conn.invalidate()  # a dead connection must not go back to the pool
+    raise lost

@@ -650,8 +650,9 @@ class SqlStore(Store):
             conn.begin()
             params = {"ns": namespace, "k": key, "fp": fingerprint, "now": self._stmt_now(),
                       "ttl": ttl}
-            if self._fast_pg:
-                existing, expired = self._pg.begin(conn, params, optimistic)
+            fast = self._pg if self._fast_pg else self._async_fast()
+            if fast is not None:
+                existing, expired = fast.begin(conn, params, optimistic)
             elif optimistic and self._fast_sqlite:
                 sql, args = self._sqlite_read
                 row = conn.connection.driver_connection.execute(  # type: ignore[union-attr]
@@ -665,10 +666,29 @@ class SqlStore(Store):
                 existing, expired = self._claim_in(conn, params), False
             tx = Transaction(self, conn, namespace, key, None if expired else existing,
                              owner=True, params=params, optimistic=optimistic,
-                             replaces_expired=expired)
+                             replaces_expired=expired, fast=fast)
             yield tx
         finally:
             conn.close()  # rolls back whatever was not committed
+
+    def _async_fast(self) -> PgFastPath | None:
+        """The PostgreSQL fast path for an async psycopg engine, built on first use: the
+        sync fast path's round trips (``BEGIN; claim`` and ``store the result; COMMIT``,
+        one each), its statements inlined rather than prepared (so poolers that drop
+        prepared statements are safe too), sent without blocking the event loop."""
+        try:
+            return self.__dict__["_pg_async"]  # type: ignore[no-any-return]
+        except KeyError:
+            pass
+        fast = None
+        if (self.async_engine is not None and self.dialect == "postgresql"
+                and self.engine.dialect.driver == "psycopg"):
+            st = self._st
+            fast = PgFastPath(read=st.read, claim=st.claim_tx, done=st.insert_done,
+                              store_result=st.store_result, delete_expired=st.delete_expired,
+                              lock_timeout=self.lock_timeout, asynchronous=True)
+        self.__dict__["_pg_async"] = fast
+        return fast
 
     def _set_lock_timeout(self, conn: Connection) -> None:
         """Bound the wait for a concurrent delivery's key (PostgreSQL; SQLite engines made
@@ -841,8 +861,10 @@ class Transaction:
         session: Session | Connection | None = None,
         optimistic: bool = False,
         replaces_expired: bool = False,
+        fast: PgFastPath | None = None,
     ) -> None:
         self.store = store
+        self._fast = fast
         self.connection = connection
         self.namespace = namespace
         self.key = key
@@ -876,8 +898,9 @@ class Transaction:
             )
         params = {**self._params, "res": result}
         store = self.store
-        if self._owner and store._fast_pg:
-            return store._pg.finish(conn, params, self._optimistic, self._replaces_expired)
+        fast = self._fast
+        if self._owner and fast is not None:
+            return fast.finish(conn, params, self._optimistic, self._replaces_expired)
         if self._optimistic:
             store._set_lock_timeout(conn)
             try:  # no savepoint: on failure the whole transaction goes anyway
