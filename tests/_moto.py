@@ -22,10 +22,10 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from _celery_harness import wait_until as wait_until  # re-exported for the SQS tests
 from _servers import HOST, PORT_ATTEMPTS, START_TIMEOUT, ServerError, free_port
 from _servers import _die_with_parent as die_with_parent
 from _servers import _stop_process as stop_process
@@ -180,27 +180,6 @@ def count_calls(client: Any) -> dict[str, int]:
 
     client.meta.events.register("before-call.sqs.*", before_call)
     return calls
-
-
-def wait_until(check: Callable[[], Any], timeout: float, what: str, *, poll: float = 0.1,
-               describe: Callable[[], str] | None = None) -> Any:
-    """Poll ``check()`` until truthy; AssertionError after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            extra = f" ({describe()})" if describe is not None else ""
-            raise AssertionError(f"not within {timeout:.0f}s: {what}{extra}")
-        time.sleep(poll)
-
-
-@contextlib.contextmanager
-def moto() -> Iterator[MotoServer]:
-    """A moto server for one block."""
-    with MotoServer() as server:
-        yield server
 
 
 def worker_env(server: MotoServer, **values: Any) -> dict[str, str]:

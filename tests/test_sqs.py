@@ -38,6 +38,7 @@ from idempotent.integrations.sqs import (
     SqsMessage,
     Status,
     UndecodableMessage,
+    message_attribute,
     message_id,
     sqs_handler,
 )
@@ -485,3 +486,102 @@ def test_fifo_group_order_holds_after_a_failure(sqs: Any, db: Any) -> None:
         wait_until(lambda: consumer.poll() == [] and queue_counts(sqs, url) == (0, 0), 30,
                    "the queue drained", poll=0)
     assert sorted(order) == ["f0", "f1", "g0"] and order.index("f0") < order.index("f1")
+
+
+def test_interrupt_mid_batch_deletes_what_committed_and_releases_the_rest(
+        sqs: Any, db: Any) -> None:
+    """KeyboardInterrupt inside the third handler of a batch of five: it reaches the
+    caller; the two committed messages are deleted, the interrupted one (rolled back) and
+    the two not run are visible again at once, and a new consumer applies those three."""
+    _, store, engine = db
+    url, dlq = make_queue(sqs, dlq=True)
+    send(sqs, url, [{"payment_id": f"i{i}", "cents": i} for i in range(5)])
+    seen: list[str] = []
+
+    def interrupt_third(msg: dict[str, Any], conn: Any) -> None:
+        seen.append(msg["payment_id"])
+        if len(seen) == 3:
+            raise KeyboardInterrupt
+
+    got: list[Any] = []
+    with SqsConsumer(sqs, url, make_poison_handler(store, interrupt_third), wait_time=1,
+                     dead_letter_queue_url=dlq) as consumer:
+        while not got:  # moto may hand out fewer than 5 at first: until the interrupt
+            try:
+                got.extend(consumer.poll())
+            except KeyboardInterrupt:
+                break
+            got.clear()
+            assert len(seen) < 3
+    assert len(seen) == 3 and consumer.stats["deleted"] == len(ledger_rows(engine))
+    interrupted = seen[2]
+    assert interrupted not in [p for p, _ in ledger_rows(engine)]
+    assert interrupted not in store_keys(engine)
+    wait_until(lambda: queue_counts(sqs, url) == (5 - len(ledger_rows(engine)), 0), 10,
+               "the interrupted and unrun messages visible again at once")
+    with SqsConsumer(sqs, url, make_handler(store), wait_time=1,
+                     dead_letter_queue_url=dlq) as again:
+        wait_until(lambda: again.poll() == [] and queue_counts(sqs, url) == (0, 0), 30,
+                   "the queue drained", poll=0)
+    assert sorted(ledger_rows(engine)) == [(f"i{i}", i) for i in range(5)]
+
+
+def test_failing_extension_lets_a_second_consumer_in_but_not_a_second_run(
+        sqs: Any, db: Any) -> None:
+    """The heartbeat's ChangeMessageVisibilityBatch fails (a connection error) on the
+    first consumer: its message reappears while the handler runs (lease mode), a second
+    consumer receives it and gets RETRY (the lease is live); the handler ran once."""
+    from botocore.exceptions import EndpointConnectionError
+
+    _, store, _ = db
+    url, dlq = make_queue(sqs, dlq=True, visibility=1)
+    first_client = make_client_like(sqs)
+
+    def fail(**_: Any) -> None:
+        raise EndpointConnectionError(endpoint_url="http://test")
+
+    first_client.meta.events.register("before-call.sqs.ChangeMessageVisibilityBatch", fail)
+    runs: list[str] = []
+    release = threading.Event()
+    started = threading.Event()
+
+    @sqs_handler(store, key=message_id, namespace="tests.sqs.noextend", lease=30)
+    def slow(message: SqsMessage) -> None:
+        runs.append(message.message_id)
+        started.set()
+        assert release.wait(60)
+
+    send(sqs, url, [{"payment_id": "x", "cents": 1}])
+    got: list[Any] = []
+    with SqsConsumer(first_client, url, slow, visibility_timeout=1, wait_time=1,
+                     dead_letter_queue_url=dlq) as first, \
+         SqsConsumer(sqs, url, slow, visibility_timeout=1, wait_time=1,
+                     dead_letter_queue_url=dlq, retry_delay=30) as second:
+        worker = threading.Thread(target=lambda: got.extend(consume(first, url, 1)))
+        worker.start()
+        assert started.wait(30)
+        [other] = consume(second, url, 1)
+        release.set()
+        worker.join(60)
+    first_client.close()
+    assert other.status is Status.RETRY and type(other.error).__name__ == "AlreadyInProgress"
+    assert [o.status for o in got] == [Status.PROCESSED] and len(runs) == 1
+
+
+def test_binary_message_attribute_key(sqs: Any, db: Any) -> None:
+    """A Binary message attribute is a key as its hex; the same bytes in two sends are
+    one key."""
+    _, store, _ = db
+    url, dlq = make_queue(sqs, dlq=True)
+    runs: list[str] = []
+
+    @sqs_handler(store, key=message_attribute("pid"), namespace="tests.sqs.binary")
+    def apply(message: SqsMessage) -> None:
+        runs.append(message.message_attributes["pid"].hex())  # type: ignore[union-attr]
+
+    attr = {"pid": {"DataType": "Binary", "BinaryValue": b"\x00\xffpay"}}
+    send(sqs, url, [{"n": 1}, {"n": 1}], MessageAttributes=attr)
+    with SqsConsumer(sqs, url, apply, wait_time=1, dead_letter_queue_url=dlq) as consumer:
+        outcomes = consume(consumer, url, 2)
+    assert sorted(o.status for o in outcomes) == [Status.DUPLICATE, Status.PROCESSED]
+    assert runs == ["00ff706179"]
