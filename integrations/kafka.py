@@ -142,7 +142,7 @@ _NOT_THE_MESSAGE = (AlreadyInProgress, LeaseLost, StoreUnavailable)
 
 
 # -- messages and keys --------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Message:
     """One consumed message: its coordinates, raw key, decoded value and headers."""
 
@@ -327,18 +327,17 @@ class _Loop:
 
     def _message(self, m: Any) -> Message:
         raw = m.value()
-        msg = Message(m.topic(), m.partition(), m.offset(), m.key(), raw,
-                      tuple(m.headers() or ()), raw)
-        if self.decode is None:
-            return msg
-        try:
-            value = self.decode(raw)
-        except Exception as exc:
-            raise UndecodableMessage(
-                f"{msg.topic}[{msg.partition}]@{msg.offset}: decode failed: "
-                f"{type(exc).__name__}: {exc}",
-                topic=msg.topic, partition=msg.partition, offset=msg.offset) from exc
-        return Message(msg.topic, msg.partition, msg.offset, msg.key, value, msg.headers, raw)
+        value = raw
+        if self.decode is not None:
+            try:
+                value = self.decode(raw)
+            except Exception as exc:
+                raise UndecodableMessage(
+                    f"{m.topic()}[{m.partition()}]@{m.offset()}: decode failed: "
+                    f"{type(exc).__name__}: {exc}",
+                    topic=m.topic(), partition=m.partition(), offset=m.offset()) from exc
+        return Message(m.topic(), m.partition(), m.offset(), m.key(), value,
+                       tuple(m.headers() or ()), raw)
 
     def _process(self, raw: list[Any]) -> None:
         try:
@@ -482,6 +481,22 @@ class _PositionsSql:
             pk & (t.c.generation == P("g_gen")) & (t.c.next_offset == P("g_from"))
         ).values(next_offset=P("g_to"), updated_at=P("g_now"))
         self.read = sa.select(t.c.next_offset, t.c.generation).where(pk)
+        self.table, self.pg = t, dialect == "postgresql"
+
+    def advance_many(self, rows: list[dict[str, Any]]) -> Any:
+        """PostgreSQL: the fence of several partitions in one statement (an UPDATE joined
+        to a VALUES list); ``rowcount`` says how many matched."""
+        t = self.table
+        v = sa.values(sa.column("v_topic", sa.String), sa.column("v_partition", sa.Integer),
+                      sa.column("v_gen", sa.BigInteger), sa.column("v_from", sa.BigInteger),
+                      sa.column("v_to", sa.BigInteger), name="idem_fence").data(
+            [(r["g_topic"], r["g_partition"], r["g_gen"], r["g_from"], r["g_to"])
+             for r in rows])
+        return sa.update(t).where(
+            (t.c.consumer_group == sa.bindparam("g_group")) & (t.c.topic == v.c.v_topic)
+            & (t.c.partition == v.c.v_partition) & (t.c.generation == v.c.v_gen)
+            & (t.c.next_offset == v.c.v_from)
+        ).values(next_offset=v.c.v_to, updated_at=sa.bindparam("g_now"))
 
     def params(self, topic: str, partition: int, **more: Any) -> dict[str, Any]:
         return {"g_group": self.group, "g_topic": topic, "g_partition": partition,
@@ -507,6 +522,8 @@ class TransactionalConsumer(_Loop):
     * ``max_attempts``, ``dead_letter_topic``: poison handling (see the module).
     * ``retry``: the tenacity policy for transient database faults (default: exponential
       backoff up to 60 s, then `StoreUnavailable`).
+    * ``lag_commit_interval``: seconds between Kafka offset commits (lag monitoring only;
+      also on revoke and close).
     """
 
     def __init__(self, config: Mapping[str, Any], store: SqlStore, topics: Sequence[str],
@@ -516,7 +533,8 @@ class TransactionalConsumer(_Loop):
                  batch_size: int = 500, batch_timeout: float = 0.1, max_attempts: int = 3,
                  dead_letter_topic: str | None = None,
                  producer_config: Mapping[str, Any] | None = None,
-                 retry: tenacity.Retrying | None = None) -> None:
+                 retry: tenacity.Retrying | None = None,
+                 lag_commit_interval: float = 1.0) -> None:
         if not isinstance(store, SqlStore) or store.is_async:
             raise TypeError("TransactionalConsumer needs a SqlStore with a sync engine")
         self.store, self.handler, self.key, self.ttl = store, handler, key, ttl
@@ -525,6 +543,9 @@ class TransactionalConsumer(_Loop):
         self.namespace = name
         _keys.check_text("consumer group", str(config.get("group.id", "")))
         self.sql = _PositionsSql(store, str(config.get("group.id", "")))
+        self.lag_commit_interval = lag_commit_interval
+        self._lag: dict[tuple[str, int], int] = {}
+        self._lag_due = 0.0
         super().__init__(config, topics, decode=decode, batch_size=batch_size,
                          batch_timeout=batch_timeout, max_attempts=max_attempts,
                          dead_letter_topic=dead_letter_topic,
@@ -623,14 +644,23 @@ class TransactionalConsumer(_Loop):
 
     def _advance(self, conn: sa.Connection, spans: dict[tuple[str, int], tuple[int, int]]
                  ) -> None:
+        rows = []
         for (topic, partition), (_, end) in spans.items():
             owned = self.owned.get((topic, partition))
             if owned is None:
                 raise _Moved(topic, partition)
-            params = self.sql.params(topic, partition, g_gen=owned[1], g_from=owned[0],
-                                     g_to=end)
+            rows.append(self.sql.params(topic, partition, g_gen=owned[1], g_from=owned[0],
+                                        g_to=end))
+        if len(rows) > 1 and self.sql.pg:  # one round trip for every partition of the batch
+            stmt = self.sql.advance_many(rows)
+            if conn.execute(stmt, {"g_group": self.sql.group, "g_now": time.time()}
+                            ).rowcount != len(rows):
+                raise _Moved(*next(iter(spans)))  # which one: `_after_refusal` finds out
+            return
+        for params in rows:
             if conn.execute(self.sql.advance, params).rowcount != 1:
-                raise _Moved(topic, partition)  # rolls the whole transaction back
+                # rolls the whole transaction back
+                raise _Moved(params["g_topic"], params["g_partition"])
 
     def _after_refusal(self, moved: _Moved, spans: dict[tuple[str, int], tuple[int, int]]
                        ) -> None:
@@ -638,32 +668,53 @@ class TransactionalConsumer(_Loop):
         batch would have written, under our generation, an earlier attempt of this very
         batch committed (its COMMIT's answer was lost): done. Otherwise: fenced."""
         found = {tpk: self.position(*tpk) for tpk in spans}
-        if all(tpk in self.owned and found[tpk] == (end, self.owned[tpk][1])
-               for tpk, (_, end) in spans.items()):
+        mismatch = [tpk for tpk, (_, end) in spans.items()
+                    if tpk not in self.owned or found[tpk] != (end, self.owned[tpk][1])]
+        if not mismatch:
             return
-        owned = self.owned.get((moved.topic, moved.partition))
-        self.owned.pop((moved.topic, moved.partition), None)
+        # the partition another generation took (the statement may not have said which)
+        topic, partition = next(
+            (tpk for tpk in mismatch if tpk not in self.owned or found[tpk] is None
+             or found[tpk][1] != self.owned[tpk][1]), (moved.topic, moved.partition))
+        owned = self.owned.pop((topic, partition), None)
         raise PositionFenced(
-            f"{self.group}: {moved.topic}[{moved.partition}] belongs to a newer generation "
-            f"(stored {found[(moved.topic, moved.partition)]}, ours {owned}); the batch was "
-            "rolled back, nothing written",
-            group=self.group, topic=moved.topic, partition=moved.partition,
+            f"{self.group}: {topic}[{partition}] belongs to a newer generation "
+            f"(stored {found.get((topic, partition))}, ours {owned}); the batch was rolled "
+            "back, nothing written",
+            group=self.group, topic=topic, partition=partition,
             generation=None if owned is None else owned[1],
-            start=None if owned is None else owned[0],
-            found=found[(moved.topic, moved.partition)])
+            start=None if owned is None else owned[0], found=found.get((topic, partition)))
 
     def _committed(self, spans: dict[tuple[str, int], tuple[int, int]]) -> None:
-        """After COMMIT: our next offsets, and Kafka's committed offsets (monitoring)."""
-        offsets = []
-        for (topic, partition), (_, end) in spans.items():
-            owned = self.owned.get((topic, partition))
+        """After COMMIT: our next offsets; Kafka's committed offsets (monitoring only) at
+        most every ``lag_commit_interval`` seconds, and when partitions are revoked."""
+        for tpk, (_, end) in spans.items():
+            owned = self.owned.get(tpk)
             if owned is not None:
                 owned[0] = end
-            offsets.append(TopicPartition(topic, partition, end))
+            self._lag[tpk] = end
+        if time.monotonic() >= self._lag_due:
+            self._commit_lag()
+
+    def _commit_lag(self) -> None:
+        self._lag_due = time.monotonic() + self.lag_commit_interval
+        if not self._lag:
+            return
+        offsets = [TopicPartition(t, p, o) for (t, p), o in self._lag.items()]
+        self._lag.clear()
         try:
             self.consumer.commit(offsets=offsets, asynchronous=True)
         except KafkaException as exc:  # lag monitoring only; the database has the truth
             _LOG.debug("Kafka offset commit (monitoring only) failed: %r", exc)
+
+    def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
+        self._commit_lag()
+        super()._on_revoke(consumer, partitions)
+
+    def close(self) -> None:
+        """Commit the lag offsets not yet sent, leave the group, close the clients."""
+        self._commit_lag()
+        super().close()
 
 
 class _Moved(Exception):
