@@ -293,6 +293,7 @@ class SqsHandler:
             options["listeners"] = (self._note,)
         self.fn = fn
         self.key = key
+        self.scope: Callable[[SqsMessage], Any] | None = options.get("scope")
         self.decode = decode
         self.max_body_bytes = max_body_bytes
         self._last = threading.local()
@@ -354,19 +355,22 @@ class SqsHandler:
     def _check_key(self, message: SqsMessage) -> None:
         """The key's refusals, as typed errors, before anything is written (the decorator
         checks again; these are the errors a caller can tell from a handler's own)."""
-        raw = self.key(message)
-        try:
-            text = _keys.as_key_text(raw)
-        except TypeError as exc:
-            raise UndecodableMessage(
-                f"message {message.message_id}: {exc}", message_id=message.message_id,
-                namespace=self.namespace) from exc
-        if text is None:
-            raise MissingIdempotencyKey(
-                f"{self.namespace}: message {message.message_id} has no idempotency key "
-                f"({getattr(self.key, '__qualname__', 'the key function')} gave nothing); "
-                "the handler did not run and nothing was recorded", namespace=self.namespace)
-        _keys.check_text("key", text)
+        for what, of in (("key", self.key), ("scope", self.scope)):
+            if of is None:
+                continue
+            try:
+                text = _keys.as_key_text(of(message))
+            except TypeError as exc:
+                raise UndecodableMessage(
+                    f"message {message.message_id}: {exc}", message_id=message.message_id,
+                    namespace=self.namespace) from exc
+            if text is None:
+                raise MissingIdempotencyKey(
+                    f"{self.namespace}: message {message.message_id} has no idempotency "
+                    f"{what} ({getattr(of, '__qualname__', 'its function')} gave nothing); "
+                    "the handler did not run and nothing was recorded",
+                    namespace=self.namespace)
+            _keys.check_text(what, text)
 
     def process(self, record: Any) -> Outcome:
         """Decode, check and apply one message; its `Outcome`. Only an exception that is
@@ -773,8 +777,8 @@ class SqsConsumer:
             RECEIVE_COUNT_ATTRIBUTE: {"DataType": "Number",
                                       "StringValue": str(_receive_count(m))},
         }
-        theirs = {k: v for k, v in (m.get("MessageAttributes") or {}).items()
-                  if k not in ours}
+        theirs = {k: {f: v[f] for f in ("DataType", "StringValue", "BinaryValue") if f in v}
+                  for k, v in (m.get("MessageAttributes") or {}).items() if k not in ours}
         kept = dict(list(theirs.items())[:_MAX_ATTRIBUTES - len(ours)])
         if len(kept) < len(theirs):
             logger.warning("SQS message %s: %d message attribute(s) dropped to make room "

@@ -38,6 +38,7 @@ from idempotent.integrations.sqs import (
     SqsMessage,
     Status,
     UndecodableMessage,
+    body_field,
     message_attribute,
     message_id,
     sqs_handler,
@@ -585,3 +586,31 @@ def test_binary_message_attribute_key(sqs: Any, db: Any) -> None:
         outcomes = consume(consumer, url, 2)
     assert sorted(o.status for o in outcomes) == [Status.DUPLICATE, Status.PROCESSED]
     assert runs == ["00ff706179"]
+
+
+def test_scope_by_tenant_and_dead_letter_keeps_attributes(sqs: Any, db: Any) -> None:
+    """scope=message_attribute("tenant"): two tenants' pay-1 are two keys, each applied
+    once; a message without a tenant is bad input, dead-lettered with its own attributes
+    kept beside the error's."""
+    _, store, _ = db
+    url, dlq = make_queue(sqs, dlq=True)
+    runs: list[tuple[str, str]] = []
+
+    @sqs_handler(store, key=body_field("payment_id"), scope=message_attribute("tenant"),
+                 namespace="tests.sqs.tenants")
+    def apply(message: SqsMessage) -> None:
+        runs.append((str(message.message_attributes["tenant"]), message.body["payment_id"]))
+
+    for tenant in ("a", "b", "a"):
+        send(sqs, url, [{"payment_id": "pay-1"}], MessageAttributes={
+            "tenant": {"DataType": "String", "StringValue": tenant}})
+    send(sqs, url, [{"payment_id": "pay-1"}], MessageAttributes={
+        "trace": {"DataType": "String", "StringValue": "t-1"}})
+    with SqsConsumer(sqs, url, apply, wait_time=1, dead_letter_queue_url=dlq) as consumer:
+        outcomes = consume(consumer, url, 4)
+    assert sorted(runs) == [("a", "pay-1"), ("b", "pay-1")]
+    assert Counter(o.status for o in outcomes) == {
+        Status.PROCESSED: 2, Status.DUPLICATE: 1, Status.BAD_INPUT: 1}
+    [dead] = drain(sqs, dlq)
+    attrs = {k: v["StringValue"] for k, v in dead["MessageAttributes"].items()}
+    assert attrs["trace"] == "t-1" and attrs[ERROR_TYPE_ATTRIBUTE] == "MissingIdempotencyKey"
