@@ -23,6 +23,8 @@ from idempotent.integrations.kafka import (
 
 from idempotent import MissingIdempotencyKey, SqlStore
 
+pytestmark = [pytest.mark.postgres, pytest.mark.slow]
+
 
 @pytest.fixture(scope="module")
 def kafka() -> Iterator[MockKafka]:

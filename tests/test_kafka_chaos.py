@@ -27,6 +27,8 @@ from idempotent import SqlStore
 
 WORKER = str(Path(__file__).with_name("_kafka_worker.py"))
 
+pytestmark = [pytest.mark.postgres, pytest.mark.slow]
+
 
 @pytest.fixture(scope="module")
 def kafka() -> Iterator[MockKafka]:
