@@ -626,6 +626,11 @@ class SqsConsumer:
         self.dead_letter_queue_url = dead_letter_queue_url
         self.retry_delay = retry_delay
         self.fifo = queue_url.endswith(".fifo")
+        # older botocore (boto3 1.28, the extra's floor) knows only AttributeNames, now deprecated
+        receive = client.meta.service_model.operation_model("ReceiveMessage").input_shape
+        name = ("MessageSystemAttributeNames" if "MessageSystemAttributeNames"
+                in receive.members else "AttributeNames")
+        self._system_attributes = {name: ["All"]}
         self.stats: dict[str, int] = dict.fromkeys(
             ("received", "processed", "duplicate", "failed", "poison", "bad_input", "retry",
              "deleted", "delete_failed", "dead_lettered", "dead_letter_failed"), 0)
@@ -679,7 +684,7 @@ class SqsConsumer:
         reply = self.client.receive_message(
             QueueUrl=self.queue_url, MaxNumberOfMessages=self.max_messages,
             WaitTimeSeconds=self.wait_time, VisibilityTimeout=self.visibility_timeout,
-            MessageSystemAttributeNames=["All"], MessageAttributeNames=["All"])
+            MessageAttributeNames=["All"], **self._system_attributes)
         messages: list[dict[str, Any]] = reply.get("Messages", [])
         if not messages:
             return []
