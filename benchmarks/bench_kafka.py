@@ -32,9 +32,9 @@ import _common as C  # sets up sys.path first
 import sqlalchemy as sa
 from _kafka import QUIET, MockKafka
 from confluent_kafka import Consumer
+from idempotent.integrations.kafka import Message, TransactionalConsumer, header
 
 from idempotent import SqlStore
-from idempotent.integrations.kafka import Message, TransactionalConsumer, header
 
 BATCH = 500
 TARGETS = {"positions": (0.9, 50_000.0), "positions + business keys": (0.5, 25_000.0)}

@@ -299,8 +299,8 @@ class _Loop:
     def poll_batch(self, timeout: float | None = None) -> int:
         """Consume up to ``batch_size`` messages (waiting at most ``timeout``, default
         ``batch_timeout`` seconds) and process them; returns how many were consumed."""
-        raw = self.consumer.consume(self.batch_size, self.batch_timeout if timeout is None
-                                    else timeout)
+        raw: list[Any] = self.consumer.consume(
+            self.batch_size, self.batch_timeout if timeout is None else timeout)
         if self._pending is not None:
             exc, self._pending = self._pending, None
             raise exc
@@ -311,9 +311,9 @@ class _Loop:
                 if err.code() == KafkaError._PARTITION_EOF:
                     continue
                 raise KafkaException(err)
-            owned = self.owned.get((str(m.topic()), int(m.partition())))
+            owned = self.owned.get((m.topic(), m.partition()))
             # a message of a partition given up in this consume(), or one already applied
-            if owned is None or int(m.offset()) < owned[0]:
+            if owned is None or m.offset() < owned[0]:
                 continue
             batch.append(m)
         if batch:
@@ -674,8 +674,9 @@ class TransactionalConsumer(_Loop):
             return
         # the partition another generation took (the statement may not have said which)
         topic, partition = next(
-            (tpk for tpk in mismatch if tpk not in self.owned or found[tpk] is None
-             or found[tpk][1] != self.owned[tpk][1]), (moved.topic, moved.partition))
+            (tpk for tpk in mismatch if tpk not in self.owned
+             or (row := found[tpk]) is None or row[1] != self.owned[tpk][1]),
+            (moved.topic, moved.partition))
         owned = self.owned.pop((topic, partition), None)
         raise PositionFenced(
             f"{self.group}: {topic}[{partition}] belongs to a newer generation "

@@ -279,3 +279,53 @@ def test_out_of_range_stored_offset_is_a_typed_error(
     assert e.low == 0 and e.high == kafka.end_offsets(topic)[3]
     assert c.position(topic, 3) == before
     assert ledger_figures(store.engine) == rows
+
+
+def test_lease_consumer_redelivery_runs_no_effect_twice(
+        kafka: MockKafka, store: SqlStore) -> None:
+    """Lease mode: an ``@idempotent`` handler keyed by `offset_key`; after Kafka's offsets
+    are rewound to 0 (a redelivery of everything) the body runs for none of them again,
+    and a handler failing every time is dead-lettered after ``max_attempts``."""
+    from idempotent.integrations.kafka import LeaseConsumer, offset_key
+
+    from idempotent import idempotent
+
+    topic, group = names()
+    msgs, _ = payments(60)
+    msgs.append({"value": b'{"payment_id": "boom", "cents": 1}', "partition": 0})
+    kafka.produce(topic, msgs)
+    effects: list[str] = []
+
+    @idempotent(store, key=offset_key, lease=30, namespace=f"psp-{group}")
+    def charge(message: Any) -> dict[str, int]:
+        if message.value["payment_id"] == "boom":
+            raise ConnectionRefusedError("provider down")
+        effects.append(message.value["payment_id"])
+        return {"cents": message.value["cents"]}
+
+    ends = kafka.end_offsets(topic)
+
+    def run_until_done() -> LeaseConsumer:
+        c = LeaseConsumer(kafka.consumer_config(group), [topic], charge, decode=json.loads,
+                          max_attempts=2, dead_letter_topic=f"{topic}.dlq")
+        try:
+            deadline = time.monotonic() + 30
+            while {p: (c.owned.get((topic, p)) or [-1])[0] for p in ends} != ends:
+                assert time.monotonic() < deadline, "the lease consumer never finished"
+                c.poll_batch(0.05)
+        finally:
+            c.close()
+        return c
+
+    first = run_until_done()
+    assert sorted(effects) == sorted(m["headers"][0][1].decode() for m in msgs[:-1])
+    assert first.dead_lettered == 1
+    assert kafka.committed(group, topic) == ends
+    kafka.commit_offsets(group, topic, dict.fromkeys(ends, 0))
+    run_until_done()
+    assert len(effects) == 60  # every redelivered message replayed its stored result
+    # the failure was released, not kept: the redelivery tried it again, dead-lettered again
+    dead = kafka.read_all(f"{topic}.dlq", 2)
+    assert [dict(d.headers())["idempotent-attempts"] for d in dead] == [b"2", b"2"]
+    assert {dict(d.headers())["idempotent-error"] for d in dead} == {
+        b"ConnectionRefusedError: provider down"}

@@ -16,9 +16,9 @@ import os
 import time
 
 import sqlalchemy as sa
+from idempotent.integrations.kafka import Message, TransactionalConsumer, header
 
 from idempotent import SqlStore
-from idempotent.integrations.kafka import Message, TransactionalConsumer, header
 
 metadata = sa.MetaData()
 ledger = sa.Table(
