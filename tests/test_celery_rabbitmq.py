@@ -202,3 +202,48 @@ def test_celery_on_rabbitmq_chaos(pg_server: PostgresServer, rabbit: RabbitServe
     assert chaos.backends_terminated >= 1
     assert lost == [] and doubled == [] and wrong == []
     assert n_rows == PAYMENTS and amount == sum(expected.values())
+
+
+def test_celery_consumer_timeout_loses_nothing(
+        rabbit: RabbitServer, db: tuple[str, str], logs: Path) -> None:  # noqa: F811
+    """A task that holds its message longer than RabbitMQ's consumer_timeout: the broker
+    closes the worker's channel (PRECONDITION_FAILED), which Celery 5.x treats as an
+    unrecoverable error: the worker shuts down. The message is not lost: it is back in the
+    queue, and the restarted worker acks it as a duplicate of the run that committed. One
+    ledger row."""
+    _, db_url = db
+    queue = f"celery-ct-{uuid.uuid4().hex[:8]}"
+    timed_out = "delivery acknowledgement on channel"
+    before = rabbit.log_text().count(timed_out)
+    rabbit.set_env("consumer_timeout", "1500")  # for channels opened from now on
+    worker = Worker("ct", worker_env(broker=rabbit.url, db=db_url, backend=None), logs,
+                    concurrency=2, queues=queue)
+    engine = sa.create_engine(db_url)
+    try:
+        worker.start()
+        worker.wait_ready()
+        payment = {"payment_id": "pay_slow", "account": "acc_1", "cents": 4200, "hold": 6}
+        with Connection(rabbit.url, transport_options={"confirm_publish": True}) as conn:
+            send_once(apply_payment, (payment,), connection=conn, queue=queue)
+        wait_until(lambda: rabbit.log_text().count(timed_out) > before, 60,
+                   "the broker closed the worker's channel (consumer_timeout)")
+        assert worker.proc is not None
+        wait_until(lambda: worker.proc is not None and worker.proc.poll() is not None, 60,
+                   "the worker shut down (Celery: unrecoverable error)",
+                   describe=worker.log_tail)
+        first_log = worker.current_log()
+        assert b"Unrecoverable error: PreconditionFailed" in first_log
+        rabbit.set_env("consumer_timeout", "1800000")  # RabbitMQ's default, 30 min
+        worker.start()
+        wait_until(lambda: b" succeeded in " in worker.current_log(), 60,
+                   "the redelivered message acked", describe=worker.log_tail)
+        worker.stop()
+        assert ready_count(rabbit.url, queue) == 0
+        rows = payments_rows(engine, "apply_payment")
+    finally:
+        worker.stop()
+        rabbit.set_env("consumer_timeout", "1800000")
+        engine.dispose()
+        with connection(rabbit.url) as conn:
+            conn.channel().queue_delete(queue)
+    assert rows == {"pay_slow": [4200]}
