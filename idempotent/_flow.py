@@ -206,7 +206,9 @@ class Flow:
             raise
 
     def _retries(self, exc: BaseException) -> bool:
-        """Would the policy retry ``exc``? (Its own predicate decides.)"""
+        """Would the policy retry ``exc`` after the first attempt? (Its own predicate
+        decides, and its stop: ``stop_after_attempt(1)``, as `no_retry` is, allows no
+        second attempt; tenacity would make one before asking its stop.)"""
         if self.retrying is None:
             return False
         state = tenacity.RetryCallState(self.retrying, None, (), {})
@@ -216,7 +218,11 @@ class Flow:
             from sqlalchemy.util import await_only
 
             verdict = await_only(verdict)
-        return bool(verdict)
+        if not verdict:
+            return False
+        state.attempt_number = 0  # _CountingFirst adds the first attempt: 1 made so far
+        state.outcome_timestamp = state.start_time  # (a delay stop: none spent yet)
+        return not self.retrying.stop(state)
 
     def _raise_unavailable(self, exc: BaseException, key: str) -> None:
         """A transient store fault that outlasted the policy becomes `StoreUnavailable`."""
