@@ -40,7 +40,7 @@ from idempotent.integrations.amqp import (
     Requeue,
 )
 
-from idempotent import Event, SqlStore, StoreUnavailable, listening
+from idempotent import Event, SqlStore, StoreUnavailable, current_key, listening
 
 pytestmark = [pytest.mark.postgres]
 
@@ -313,3 +313,55 @@ def test_consumer_timeout_redelivery_is_a_duplicate(db: tuple[sa.Engine, SqlStor
     assert rows(engine) == Counter({"pay-00000": 1})
     assert runs == [False]  # the redelivery did not run the handler
     assert events.count("completed") == 1 and events.count("duplicate") == 1
+
+
+def test_prefetch_and_manual_acks_by_default(db: tuple[sa.Engine, SqlStore],
+                                             queue: tuple[str, str, str]) -> None:
+    """While the handler holds its first message, the broker has handed out exactly 10
+    (prefetch 10) and keeps the other 20 ready: acks are manual, one per processed message."""
+    engine, store = db
+    url, q, _ = queue
+    publish(url, q, [(p, {"message_id": p["payment_id"]}) for p in payments(30)])
+    release = threading.Event()
+
+    def held(message: Message, *, connection: sa.Connection) -> Any:
+        assert release.wait(60), "never released"
+        return apply_payment(message, connection=connection)
+
+    consumer = Consumer(held, store, queue=q, namespace="amqp.prefetch")
+    with running(consumer, url):
+        try:
+            wait_until(lambda: ready_count(url, q) == 20, 30, "10 messages handed out")
+        finally:
+            release.set()
+        wait_until(lambda: len(rows(engine)) == 30 and ready_count(url, q) == 0, 60,
+                   "all applied")
+    assert rows(engine) == Counter({p["payment_id"]: 1 for p in payments(30)})
+
+
+def test_lease_mode_handler_runs_once_per_key(db: tuple[sa.Engine, SqlStore],
+                                              queue: tuple[str, str, str]) -> None:
+    """A handler without session/connection runs in lease mode on the same SqlStore: its
+    external effect (a provider call keyed by current_key()) happens once per payment,
+    duplicates are acked with the stored result."""
+    engine, store = db
+    url, q, dlx = queue
+    calls: Counter[str] = Counter()
+
+    def charge(message: Message) -> dict[str, Any]:
+        calls[current_key() or "?"] += 1
+        return {"charged": message.body["payment_id"]}
+
+    pays = payments(40)
+    publish(url, q, [(p, {"message_id": p["payment_id"]}) for p in pays + pays])
+    events: Counter[str] = Counter()
+    with listening(lambda e: events.update([e.kind])):
+        consumer = Consumer(charge, store, queue=q, dead_letter_exchange=dlx, lease=10,
+                            namespace="amqp.charge")
+        with running(consumer, url):
+            wait_until(lambda: events["completed"] + events["duplicate"] == 80, 60,
+                       "every delivery handled", lambda: str(events))
+            wait_until(lambda: ready_count(url, q) == 0, 30, "queue empty")
+    assert calls == Counter({p["payment_id"]: 1 for p in pays})
+    assert events["duplicate"] == 40
+    assert record_count(engine) == 40
