@@ -22,7 +22,7 @@ from fastapi.routing import APIRoute
 
 from idempotent.stores import Store
 
-from .asgi import IdempotencyMiddleware, session_of
+from .asgi import IdempotencyMiddleware, Receive, Scope, Send, session_of
 
 
 def idempotency_session(request: Request) -> Any:
@@ -40,9 +40,14 @@ def idempotent_route(store: Store, **options: Any) -> type[APIRoute]:
     policy = HttpPolicy(store, **options)
 
     class IdempotentRoute(APIRoute):
+        # ``handle`` is wrapped, not ``self.app``: FastAPI runs an included router's
+        # routes through an app of its own, but every request of the route passes here
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
-            self.app = IdempotencyMiddleware(self.app, policy=policy)
+            self._idempotent = IdempotencyMiddleware(super().handle, policy=policy)
+
+        async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+            await self._idempotent(scope, receive, send)
 
     return IdempotentRoute
 

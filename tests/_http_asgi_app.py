@@ -18,7 +18,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from idempotent.integrations._http import header_identity
-from idempotent.integrations.asgi import IdempotencyMiddleware, session_of
+from idempotent.integrations.asgi import IdempotencyMiddleware, idempotent_app, session_of
 from sqlalchemy.ext.asyncio import create_async_engine
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -128,10 +128,26 @@ waiting = IdempotencyMiddleware(inner, store, **options, namespace="http-wait",
                                 wait=None if MODE == "tx" else 30.0)
 
 
+async def _pay_app(scope: Any, receive: Any, send: Any) -> None:
+    response = await pay(Request(scope, receive))
+    await response(scope, receive, send)
+
+# the per-route form: one Starlette route behind its own layer, the others unprotected
+per_route = Starlette(routes=[
+    Route("/pay", idempotent_app(store, namespace="http-route", **{
+        k: v for k, v in options.items() if k != "transactional"})(_pay_app),
+          methods=["POST"]),
+    Route("/open", status, methods=["POST"])])
+
+
 async def app(scope: Any, receive: Any, send: Any) -> None:
-    """``/wait/...``: the same routes behind a middleware with ``wait=30``."""
+    """``/wait/...``: the same routes behind a middleware with ``wait=30``; ``/route/...``:
+    the per-route form."""
     if scope["type"] == "http" and scope["path"].startswith("/wait/"):
         scope = {**scope, "path": scope["path"][5:]}
         await waiting(scope, receive, send)
+    elif scope["type"] == "http" and scope["path"].startswith("/route/"):
+        scope = {**scope, "path": scope["path"][6:]}
+        await per_route(scope, receive, send)
     else:
         await plain(scope, receive, send)

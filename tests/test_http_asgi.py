@@ -208,6 +208,21 @@ def test_same_key_other_payload_is_422(lease: Env) -> None:
     assert lease.rows(key) == 1 and lease.cents(key) == 100
 
 
+def test_per_route_form(lease: Env) -> None:
+    """``idempotent_app`` on one Starlette route: that route replays, its sibling route
+    takes no key."""
+    key = _key()
+    with lease.client() as c:
+        first = _pay(c, key, path="/route/pay")
+        again = _pay(c, key, path="/route/pay")
+        _problem(_pay(c, None, path="/route/pay"), 400, "missing-key")
+        open_ = c.post("/route/open", params={"code": 200})
+    assert first.status_code == 201 and again.headers["idempotent-replayed"] == "true"
+    assert again.content == first.content
+    assert open_.status_code == 200
+    assert lease.rows(key) == 1
+
+
 # -- scoping ----------------------------------------------------------------------------------
 def test_identity_required(lease: Env) -> None:
     """With identity scoping, a request without an identity → 401, nothing run."""
