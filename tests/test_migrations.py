@@ -17,6 +17,8 @@ from idempotent.migrations import VERSION_LOCATION, VERSION_TABLE, include_objec
 from idempotent import SqlStore, _migrate
 
 RECORDS = "idempotency_records"
+POSITIONS = "idempotency_positions"
+HEAD = "idempotent_0002"
 
 
 def schema_of(engine: sa.Engine) -> dict[str, Any]:
@@ -76,12 +78,14 @@ def drop(engine: sa.Engine, url: str) -> None:
 def test_migrated_schema_equals_create_schema(sql_url: str, tmp_path: Path) -> None:
     """Tables, columns, types, nullability, primary key, indexes and constraints match."""
     migrated = sa.create_engine(sql_url, poolclass=sa.NullPool)
-    assert _migrate.upgrade(migrated) == _migrate.Migration((), ("idempotent_0001",))
+    assert _migrate.upgrade(migrated) == _migrate.Migration((), (HEAD,))
     modelled = fresh_engine(sql_url, tmp_path, "model")
     try:
         SqlStore(modelled).create_schema()
         expected = schema_of(modelled)
-        assert list(expected) == [RECORDS]
+        assert list(expected) == [POSITIONS, RECORDS]
+        assert expected[POSITIONS]["pk"]["constrained_columns"] == [
+            "consumer_group", "topic", "partition"]
         assert expected[RECORDS]["checks"], "the inspector should see the state check"
         assert [i[0] for i in expected[RECORDS]["indexes"]] == [f"ix_{RECORDS}_expires_at"]
         assert schema_of(migrated) == expected
@@ -96,15 +100,22 @@ def test_upgrade_downgrade_upgrade(sql_url: str) -> None:
     try:
         _migrate.upgrade(engine)
         once = schema_of(engine)
+        # one step down removes the positions table alone
+        one = _migrate.downgrade(engine, "idempotent_0001")
+        assert one == _migrate.Migration((HEAD,), ("idempotent_0001",))
+        tables = set(sa.inspect(engine).get_table_names())
+        assert RECORDS in tables and POSITIONS not in tables
+        _migrate.upgrade(engine)
+        assert schema_of(engine) == once
         down = _migrate.downgrade(engine, "base")
-        assert down == _migrate.Migration(("idempotent_0001",), ())
-        assert RECORDS not in sa.inspect(engine).get_table_names()
+        assert down == _migrate.Migration((HEAD,), ())
+        assert not {RECORDS, POSITIONS} & set(sa.inspect(engine).get_table_names())
         assert _migrate.current(engine) == ()
         _migrate.upgrade(engine)
         assert schema_of(engine) == once
-        assert _migrate.current(engine) == _migrate.heads() == ("idempotent_0001",)
+        assert _migrate.current(engine) == _migrate.heads() == (HEAD,)
         # upgrading again is a no-op, and the table serves the store
-        assert _migrate.upgrade(engine).before == ("idempotent_0001",)
+        assert _migrate.upgrade(engine).before == (HEAD,)
         store = SqlStore(engine)
         claimed = store.claim("ns", "k", fingerprint=None)
         store.complete("ns", "k", claimed.token, b"1")  # type: ignore[union-attr]
@@ -169,8 +180,8 @@ def test_inside_the_apps_version_locations(sql_url: str, tmp_path: Path) -> None
     engine = sa.create_engine(sql_url, poolclass=sa.NullPool)
     try:
         command.upgrade(cfg, "heads")
-        assert {"orders", RECORDS} <= set(sa.inspect(engine).get_table_names())
-        assert _versions(engine, "alembic_version") == {"a1", "idempotent_0001"}
+        assert {"orders", RECORDS, POSITIONS} <= set(sa.inspect(engine).get_table_names())
+        assert _versions(engine, "alembic_version") == {"a1", HEAD}
         assert VERSION_TABLE not in sa.inspect(engine).get_table_names()
 
         command.downgrade(cfg, "idempotent@base")
@@ -179,10 +190,11 @@ def test_inside_the_apps_version_locations(sql_url: str, tmp_path: Path) -> None
         assert _versions(engine, "alembic_version") == {"a1"}
 
         command.upgrade(cfg, "idempotent@head")
-        assert _versions(engine, "alembic_version") == {"a1", "idempotent_0001"}
+        assert _versions(engine, "alembic_version") == {"a1", HEAD}
         command.downgrade(cfg, "app@base")
-        assert set(sa.inspect(engine).get_table_names()) == {"alembic_version", RECORDS}
-        assert _versions(engine, "alembic_version") == {"idempotent_0001"}
+        assert set(sa.inspect(engine).get_table_names()) == {"alembic_version", RECORDS,
+                                                             POSITIONS}
+        assert _versions(engine, "alembic_version") == {HEAD}
     finally:
         engine.dispose()
 
@@ -199,7 +211,7 @@ def test_beside_the_apps_history_with_its_own_version_table(
         _migrate.upgrade(engine)
         assert {"orders", RECORDS} <= set(sa.inspect(engine).get_table_names())
         assert _versions(engine, "alembic_version") == {"a1"}
-        assert _versions(engine, VERSION_TABLE) == {"idempotent_0001"}
+        assert _versions(engine, VERSION_TABLE) == {HEAD}
 
         _migrate.downgrade(engine, "base")
         assert "orders" in sa.inspect(engine).get_table_names()
@@ -210,7 +222,7 @@ def test_beside_the_apps_history_with_its_own_version_table(
         _migrate.upgrade(engine)
         command.downgrade(cfg, "base")
         assert RECORDS in sa.inspect(engine).get_table_names()
-        assert _versions(engine, VERSION_TABLE) == {"idempotent_0001"}
+        assert _versions(engine, VERSION_TABLE) == {HEAD}
     finally:
         engine.dispose()
 
@@ -223,11 +235,14 @@ def test_offline_sql_names_our_version_table(url: str, capsys: pytest.CaptureFix
     assert f"CREATE TABLE {VERSION_TABLE}" in out
     assert f"CREATE TABLE {RECORDS}" in out
     assert "WITHOUT ROWID" in out
+    assert f"CREATE TABLE {POSITIONS}" in out
     assert f"INSERT INTO {VERSION_TABLE} (version_num) VALUES ('idempotent_0001')" in out
+    assert f"UPDATE {VERSION_TABLE} SET version_num='{HEAD}'" in out
 
 
 def test_version_location_is_the_installed_versions_dir() -> None:
     assert Path(VERSION_LOCATION, "0001_records_table.py").is_file()
+    assert Path(VERSION_LOCATION, "0002_positions_table.py").is_file()
 
 
 def test_include_object_hides_our_tables_from_the_apps_autogenerate(sql_url: str) -> None:
@@ -246,7 +261,8 @@ def test_include_object_hides_our_tables_from_the_apps_autogenerate(sql_url: str
             plain = compare_metadata(MigrationContext.configure(conn), app)
             filtered = compare_metadata(
                 MigrationContext.configure(conn, opts={"include_object": include_object}), app)
-        assert {d[1].name for d in plain if d[0] == "remove_table"} == {RECORDS, VERSION_TABLE}
+        assert {d[1].name for d in plain if d[0] == "remove_table"} == {
+            RECORDS, POSITIONS, VERSION_TABLE}
         assert filtered == []
     finally:
         engine.dispose()
