@@ -614,3 +614,37 @@ def test_scope_by_tenant_and_dead_letter_keeps_attributes(sqs: Any, db: Any) -> 
     [dead] = drain(sqs, dlq)
     attrs = {k: v["StringValue"] for k, v in dead["MessageAttributes"].items()}
     assert attrs["trace"] == "t-1" and attrs[ERROR_TYPE_ATTRIBUTE] == "MissingIdempotencyKey"
+
+
+def test_run_survives_a_failing_receive_and_stops_on_a_wrong_queue(sqs: Any, db: Any) -> None:
+    """run(): two receives failing with a connection error are retried with backoff and
+    the message is then applied; a queue that does not exist is raised at once (not a
+    transient fault); on_outcome sees every outcome."""
+    from botocore.exceptions import ClientError, EndpointConnectionError
+
+    _, store, engine = db
+    url, dlq = make_queue(sqs, dlq=True)
+    send(sqs, url, [{"payment_id": "r1", "cents": 9}])
+    client = make_client_like(sqs)
+    failures = {"left": 2}
+
+    def fail(**_: Any) -> None:
+        if failures["left"]:
+            failures["left"] -= 1
+            raise EndpointConnectionError(endpoint_url="http://test")
+
+    client.meta.events.register("before-call.sqs.ReceiveMessage", fail)
+    seen: list[Any] = []
+    try:
+        with SqsConsumer(client, url, make_handler(store), wait_time=1,
+                         dead_letter_queue_url=dlq) as consumer:
+            consumer.run(max_idle_polls=1, on_outcome=seen.append)
+        assert failures["left"] == 0 and [o.status for o in seen] == [Status.PROCESSED]
+        assert ledger_rows(engine) == [("r1", 9)]
+        with SqsConsumer(client, url, make_handler(store), wait_time=1,
+                         dead_letter_queue_url=dlq) as wrong:
+            wrong.queue_url = url + "-missing"
+            with pytest.raises(ClientError):
+                wrong.run(max_idle_polls=1)
+    finally:
+        client.close()
