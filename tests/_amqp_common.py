@@ -3,17 +3,24 @@ small pika helpers (declare, publish with confirms, read a queue)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pika
 import sqlalchemy as sa
 from idempotent.integrations.amqp import Consumer, Message
+
+TESTS = Path(__file__).resolve().parent
 
 metadata = sa.MetaData()
 ledger = sa.Table(
@@ -127,3 +134,51 @@ def wait_until(check: Callable[[], Any], timeout: float, what: str,
             extra = f" ({describe()})" if describe else ""
             raise AssertionError(f"not within {timeout:.0f}s: {what}{extra}")
         time.sleep(0.05)
+
+
+class Proc:
+    """One ``_amqp_worker.py`` consumer process a test started (its own session), by PID;
+    ``args`` are the worker's command-line arguments, its output goes to ``logs/<name>.log``."""
+
+    def __init__(self, name: str, args: list[str], logs: Path) -> None:
+        self.name, self.args = name, args
+        self.log = logs / f"{name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    def start(self) -> None:
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), str(TESTS.parent)]))
+        with open(self.log, "ab") as out:
+            out.write(f"==== start {self.starts + 1}\n".encode())
+            out.flush()
+            self.proc = subprocess.Popen(
+                [sys.executable, str(TESTS / "_amqp_worker.py"), *self.args], env=env,
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True)
+        self.starts += 1
+
+    def current_log(self) -> str:
+        with contextlib.suppress(OSError):
+            return self.log.read_text("utf-8", "replace").rsplit("==== start ", 1)[-1]
+        return ""
+
+    def ready(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None and "ready " in self.current_log()
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+        if self.proc is not None:
+            self.proc.wait(30)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM (the consumer stops after the message in hand), SIGKILL after a deadline."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.proc.wait(30)

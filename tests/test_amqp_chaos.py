@@ -11,12 +11,8 @@ dead-lettered.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -26,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from _amqp_common import declare, ledger, metadata, publish, ready_count, wait_until
+from _amqp_common import Proc, declare, ledger, metadata, publish, ready_count, wait_until
 from _rabbitmq import RabbitServer, rabbit  # noqa: F401 - the session fixture
 from _servers import PostgresServer
 
@@ -40,54 +36,6 @@ CONSUMERS = 3
 CHAOS_EVERY = (0.8, 2.0)  # seconds between two SIGKILLs, drawn uniformly
 BACKEND_TERMINATIONS = 3
 DEADLINE = 120.0 + PAYMENTS / 25  # seconds for the whole run (5,000 payments: 320 s)
-TESTS = Path(__file__).resolve().parent
-
-
-class Proc:
-    """One consumer process this test started (its own session), by PID."""
-
-    def __init__(self, name: str, args: list[str], logs: Path) -> None:
-        self.name, self.args = name, args
-        self.log = logs / f"{name}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-
-    def start(self) -> None:
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), str(TESTS.parent)]))
-        with open(self.log, "ab") as out:
-            out.write(f"==== start {self.starts + 1}\n".encode())
-            out.flush()
-            self.proc = subprocess.Popen(
-                [sys.executable, str(TESTS / "_amqp_worker.py"), *self.args], env=env,
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True)
-        self.starts += 1
-
-    def current_log(self) -> str:
-        with contextlib.suppress(OSError):
-            return self.log.read_text("utf-8", "replace").rsplit("==== start ", 1)[-1]
-        return ""
-
-    def ready(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None and "ready " in self.current_log()
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-        if self.proc is not None:
-            self.proc.wait(30)
-
-    def stop(self, timeout: float = 30.0) -> None:
-        """SIGTERM (the consumer stops after the message in hand), SIGKILL after a deadline."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        self.proc.wait(30)
 
 
 @dataclass
