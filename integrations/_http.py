@@ -26,6 +26,7 @@ from typing import Any
 from idempotent import (
     AlreadyInProgress,
     IdempotencyKeyConflict,
+    LeaseLost,
     ResultNotStored,
     StoreUnavailable,
     idempotent,
@@ -122,6 +123,10 @@ def problem_for(exc: Exception) -> Problem | None:
         return Problem(409, "response-not-stored", "Response not stored",
                        "the first request with this Idempotency-Key was processed, but its "
                        "response could not be stored; it is not processed again")
+    if isinstance(exc, LeaseLost):
+        return Problem(500, "lease-lost", "Lease lost",
+                       "this request ran past its lease and another request with the same "
+                       "Idempotency-Key took the key over; its response was not stored")
     if isinstance(exc, StoreUnavailable):
         return Problem(503, "store-unavailable", "Idempotency store unavailable",
                        "the idempotency store did not answer; nothing was processed",
@@ -324,6 +329,9 @@ class HttpPolicy:
             raise ValueError(f"these headers are never replayed: {sorted(extra & NEVER_REPLAYED)}")
         if transactional and not store.transactional:
             raise TypeError(f"transactional=True needs a SqlStore, not {type(store).__name__}")
+        if transactional and wait is not None:
+            raise TypeError("wait= is for lease mode; a transactional duplicate waits on the "
+                            "key's row lock, up to the SqlStore's lock_timeout")
         if max_body < 0 or max_response < 0:
             raise ValueError("max_body and max_response must not be negative")
         self.store = store

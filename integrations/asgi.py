@@ -122,10 +122,10 @@ class IdempotencyMiddleware:
             await _send(send, response_too_large(self.policy.max_response).response())
             return
         except Exception as exc:
-            problem = problem_for(exc)
-            if problem is None:
+            answer = problem_for(exc)
+            if answer is None:
                 raise  # the endpoint's own error: the server answers 500, key released
-            await _send(send, problem.response())
+            await _send(send, answer.response())
             return
         if ex.ran and ex.response is not None:
             await _send(send, ex.response)

@@ -119,10 +119,10 @@ class IdempotencyMiddleware:
             return _respond(start_response,
                             response_too_large(self.policy.max_response).response())
         except Exception as exc:
-            problem = problem_for(exc)
-            if problem is None:
+            answer = problem_for(exc)
+            if answer is None:
                 raise  # the app's own error: the server answers 500, key released
-            return _respond(start_response, problem.response())
+            return _respond(start_response, answer.response())
         if ex.ran and ex.response is not None:
             return _respond(start_response, ex.response)
         return _respond(start_response, Response.replay(value))
@@ -136,6 +136,10 @@ class IdempotencyMiddleware:
             if declared > limit:
                 raise body_too_large(limit)
             body = stream.read(declared) if declared else b""
+            if len(body) < declared:  # the client left before sending its whole body
+                raise Problem(400, "incomplete-body", "Incomplete body",
+                              f"the body ended after {len(body)} of {declared} bytes; "
+                              "nothing was processed")
         elif "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
             if not environ.get("wsgi.input_terminated"):
                 # the server does not decode chunked bodies (wsgiref): reading would
@@ -222,7 +226,7 @@ def _respond(start_response: StartResponse, response: Response) -> list[bytes]:
 
 
 def _path(environ: Environ) -> str:
-    raw = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
+    raw = str(environ.get("SCRIPT_NAME", "")) + str(environ.get("PATH_INFO", ""))
     # PEP 3333: native strings of latin-1 bytes; the path's bytes are UTF-8
     return raw.encode("latin-1").decode("utf-8", "surrogateescape")
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -178,3 +179,18 @@ def test_sigkill_mid_transactional_request(tx: h.Env) -> None:
         assert h._pay(c, key).status_code == 201
         assert h._pay(c, key).headers["idempotent-replayed"] == "true"
     assert tx.rows(key) == 1 and tx.cents(key) == 100
+
+
+def test_client_disconnects_mid_body(lease: h.Env) -> None:
+    """A client that leaves before its declared body arrived: nothing runs or is stored
+    (the view never sees a truncated body); the retry runs once."""
+    key = h._key()
+    s = h._raw(lease, f"POST /binary HTTP/1.1\r\nHost: x\r\nx-api-key: client-a\r\n"
+               f"idempotency-key: {key}\r\ncontent-length: 1000\r\n", b"x" * 10)
+    s.shutdown(socket.SHUT_WR)
+    s.recv(65536)  # the server's answer (400 incomplete-body), or nothing: it is gone
+    s.close()
+    with lease.client() as c:
+        r = c.post("/binary", content=b"x" * 1000, headers={"idempotency-key": key})
+    assert r.status_code == 200 and "idempotent-replayed" not in r.headers
+    assert lease.rows(key) == 1
