@@ -3,10 +3,14 @@ shuffled order, while workers and pool children are SIGKILLed at random and rest
 the broker is SIGKILLed and restarted once, and PostgreSQL backends are terminated.
 When the queue has drained, the ledger holds every payment exactly once, to the cent.
 
-One thing no consumer-side library can see: the Redis transport loses a message popped by
-a worker (or served by a broker) that is SIGKILLed before kombu records it as unacked. The
-test counts such messages, re-sends them as a producer's reconciliation would (together
-with some payments already applied, which must stay single), and prints the count.
+The producer sends through the transactional outbox (idempotent.outbox): each payment is
+staged in a committed transaction and published at once, and a relay runs beside it. The
+Redis transport can lose a message popped by a worker (or served by a broker) that is
+SIGKILLed before kombu records it as unacked; no consumer-side library can see that. The
+outbox does: an entry whose consumer record has not appeared ``CONFIRM_AFTER`` seconds
+after its publish is published again. There is no reconciliation step in the test: it
+prints how many entries the relay re-published and how many payments were applied only
+after a re-publish (their first message lost by the broker, or still queued).
 
 ``IDEMPOTENT_CHAOS_PAYMENTS=20000`` runs a larger round (CI runs 2,000);
 ``IDEMPOTENT_CHAOS_SEED`` repeats a round.
@@ -18,6 +22,7 @@ import os
 import random
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -29,8 +34,13 @@ import sqlalchemy as sa
 from _celery_app import apply_payment
 from _celery_harness import Broker, Worker, ledger_database, payments_rows, wait_until, worker_env
 from _servers import PostgresServer, RedisServer
+from celery import Celery
 from idempotent.integrations.celery import send_once
+from idempotent.integrations.celery_outbox import CeleryPublisher, stage_task
 from kombu import Connection
+
+from idempotent import SqlStore
+from idempotent.outbox import Outbox, RelayReport
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
@@ -42,6 +52,8 @@ CONCURRENCY = 2
 CHAOS_EVERY = (1.5, 4.0)  # seconds between two blows, drawn uniformly
 BACKEND_TERMINATIONS = 3
 DEADLINE = 110.0 + PAYMENTS / 20  # seconds for the whole drain (2,000 payments: 210 s)
+CONFIRM_AFTER = 30.0  # seconds from a publish to the first re-publish of an unconfirmed entry
+STAGE_BATCH = 50  # payments per producer transaction
 
 
 @dataclass
@@ -84,19 +96,30 @@ def logs() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _publish(broker_url: str, payments: list[dict[str, Any]], rng: random.Random) -> int:
-    """Each payment 1-3 times, shuffled; a copy goes either with the task id derived from
-    its payment id (send_once) or with a random one (a producer that forgot): the worker
-    keys by payment id, so both collapse."""
-    copies = [p for p in payments for _ in range(rng.randint(1, 3))]
+def _publish(outbox: Outbox, broker_url: str, payments: list[dict[str, Any]],
+             rng: random.Random) -> int:
+    """Each payment staged once in the outbox (in transactions of `STAGE_BATCH`, published
+    right after each COMMIT), and 0-2 more copies sent directly with send_once (a producer
+    that retried): one task id per payment, whatever the copies."""
+    order = payments[:]
+    rng.shuffle(order)
+    for i in range(0, len(order), STAGE_BATCH):
+        for attempt in range(20):  # as a producer does: its transaction failed, try again
+            try:
+                with outbox.begin() as conn:
+                    for p in order[i:i + STAGE_BATCH]:
+                        stage_task(outbox, conn, apply_payment, (p,))
+                break
+            except sa.exc.OperationalError:  # its PostgreSQL backend was terminated
+                time.sleep(0.1 * (attempt + 1))
+        else:
+            raise AssertionError("the producer could not commit a batch in 20 attempts")
+    copies = [p for p in payments for _ in range(rng.randint(0, 2))]
     rng.shuffle(copies)
     with Connection(broker_url) as conn:
         for p in copies:
-            if rng.random() < 0.5:
-                send_once(apply_payment, (p,), connection=conn)
-            else:
-                apply_payment.apply_async((p,), connection=conn)
-    return len(copies)
+            send_once(apply_payment, (p,), connection=conn)
+    return len(payments) + len(copies)
 
 
 def _blow(rng: random.Random, workers: list[Worker], chaos: Chaos) -> bool:
@@ -135,6 +158,16 @@ def test_chaos_every_payment_once(pg_server: PostgresServer, broker: RedisServer
     workers = [Worker(f"c{i}", env, logs, concurrency=CONCURRENCY) for i in range(WORKERS)]
     queue = Broker(broker.url)
     engine = sa.create_engine(db_url, pool_pre_ping=True)  # our backends get terminated too
+    outbox_store = SqlStore(sa.create_engine(db_url, pool_pre_ping=True))
+    relay_app = Celery("chaos-relay", broker=broker.url, set_as_current=False)
+    outbox = Outbox(outbox_store, [CeleryPublisher(relay_app)], grace=2,
+                    confirm_after=CONFIRM_AFTER, max_publishes=6, retry_after=0.5)
+    outbox_store.create_schema()
+    relay_stop = threading.Event()
+    relay_reports: list[RelayReport] = []
+    relay = threading.Thread(
+        target=lambda: relay_reports.append(outbox.run_relay(interval=0.5, stop=relay_stop)),
+        name="outbox-relay")
     chaos = Chaos()
     started = time.monotonic()
     try:
@@ -142,7 +175,13 @@ def test_chaos_every_payment_once(pg_server: PostgresServer, broker: RedisServer
             w.start()
         for w in workers:
             w.wait_ready()
-        published = _publish(broker.url, payments, rng)
+        relay.start()
+        # the producer stages and publishes while the blows fall
+        sent: list[int] = []
+        producer = threading.Thread(target=lambda: sent.append(
+            _publish(outbox, broker.url, payments, random.Random(rng.random()))),
+            name="producer")
+        producer.start()
 
         def applied() -> int:
             with engine.connect() as c:
@@ -155,16 +194,7 @@ def test_chaos_every_payment_once(pg_server: PostgresServer, broker: RedisServer
         deadline = started + DEADLINE
         next_blow = time.monotonic() + rng.uniform(*CHAOS_EVERY)
         milestones = [PAYMENTS * k / 8 for k in range(1, 8)]
-        empty_since: float | None = None
         while (done := applied()) < PAYMENTS:
-            # nothing ready, nothing unacked for a while, after the broker restart: the
-            # messages of the payments still missing are gone from the broker
-            if not queue.empty():
-                empty_since = None
-            elif empty_since is None:
-                empty_since = time.monotonic()
-            elif time.monotonic() - empty_since > 3.0 and chaos.broker_restarts:
-                break
             assert time.monotonic() < deadline, (
                 f"only {done}/{PAYMENTS} applied; broker {queue.counts()}; "
                 f"chaos {chaos.events[-5:]}\n{workers[0].log_tail()}")
@@ -195,30 +225,29 @@ def test_chaos_every_payment_once(pg_server: PostgresServer, broker: RedisServer
                     milestones.pop(0)
                 next_blow = time.monotonic() + rng.uniform(*CHAOS_EVERY)
             time.sleep(0.2)
-        # the last redeliveries (and duplicate copies) must drain too: nothing left unacked
+        producer.join(max(10.0, deadline - time.monotonic()))
+        assert sent, "the producer did not finish"
+        published = sent[0]
+        # the last redeliveries (and duplicate copies) must drain too, and every outbox
+        # entry be confirmed by its payment's record; no producer reconciliation
         wait_until(queue.empty, max(10.0, deadline - time.monotonic()), "queue drained",
                    describe=lambda: f"{queue.counts()}")
-        # The producer's reconciliation, as a payment system runs it: re-send what the
-        # ledger lacks, and (to show re-sends are harmless) some payments already applied.
-        # On the Redis transport a message can vanish before any task code sees it: kombu
-        # pops it (BRPOP) and records it as unacked in a second round trip, so a worker
-        # or broker SIGKILLed between the two loses it (celery#4354, kombu#305).
-        applied_ids = set(payments_rows(engine, "apply_payment"))
-        vanished = sorted(set(expected) - applied_ids)
-        resent = vanished + rng.sample(sorted(applied_ids), min(50, len(applied_ids)))
-        by_id = {p["payment_id"]: p for p in payments}
-        with Connection(broker.url) as conn:
-            for pid in resent:
-                send_once(apply_payment, (by_id[pid],), connection=conn)
-        wait_until(lambda: applied() == PAYMENTS and queue.empty(), 60,
-                   "re-sent payments applied", describe=lambda: f"{queue.counts()}")
+        wait_until(lambda: outbox.stats().counts == {"confirmed": PAYMENTS},
+                   max(10.0, deadline - time.monotonic()), "every outbox entry confirmed",
+                   describe=lambda: f"{outbox.stats().counts}")
         rows = payments_rows(engine, "apply_payment")
+        late = _applied_after_a_republish(engine)
     finally:
+        relay_stop.set()
+        if relay.is_alive():
+            relay.join(60)
         for w in workers:
             w.stop()
         queue.close()
         engine.dispose()
+        outbox_store.engine.dispose()
     elapsed = time.monotonic() - started
+    relayed = sum(relay_reports, RelayReport())
 
     lost = sorted(set(expected) - set(rows))
     doubled = sorted(k for k, v in rows.items() if len(v) > 1)
@@ -236,14 +265,29 @@ def test_chaos_every_payment_once(pg_server: PostgresServer, broker: RedisServer
         f"  ledger rows {ledger_rows}, unique payments {PAYMENTS}, lost {len(lost)}, "
         f"doubled {len(doubled)}, wrong amount {len(wrong)}, "
         f"amount {amount} of {sum(expected.values())} cents\n"
-        f"  messages that vanished from the broker before reaching any task (Redis transport, "
-        f"SIGKILL between BRPOP and the unacked record) {len(vanished)} {vanished[:5]}; "
-        f"re-sent by the producer with {len(resent) - len(vanished)} already applied\n"
+        f"  outbox: {PAYMENTS} entries, re-published by the relay {relayed.republished} "
+        f"(unconfirmed {CONFIRM_AFTER:.0f}s after a publish), published by the relay after "
+        f"a producer failure {relayed.published}, publish failures {relayed.failed}, "
+        f"unconfirmed {relayed.unconfirmed}\n"
+        f"  payments applied only after a re-publish (the broker lost their message, or "
+        f"held it past {CONFIRM_AFTER:.0f}s): {len(late)} {late[:5]}; no producer "
+        f"reconciliation step\n"
         + "".join(f"  - {e}\n" for e in chaos.events)
     )
     assert chaos.broker_restarts == 1
     assert chaos.worker_kills >= 2 and chaos.child_kills >= 2
     assert chaos.backends_terminated >= 1
+    assert relayed.unconfirmed == 0
     assert lost == [] and doubled == [] and wrong == []
     assert ledger_rows == PAYMENTS
     assert amount == sum(expected.values())
+
+
+def _applied_after_a_republish(engine: sa.Engine) -> list[str]:
+    """Payments whose record was created after the relay's last publish of their entry:
+    their earlier message(s) never got to a task before the re-publish."""
+    with engine.connect() as c:
+        return sorted(r[0] for r in c.execute(sa.text(
+            "SELECT r.key FROM idempotency_outbox o JOIN idempotency_records r "
+            "ON r.namespace = o.confirm_namespace AND r.key = o.confirm_key "
+            "WHERE o.publishes > 1 AND r.created_at > o.published_at")))
