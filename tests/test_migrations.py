@@ -266,3 +266,20 @@ def test_include_object_hides_our_tables_from_the_apps_autogenerate(sql_url: str
         assert filtered == []
     finally:
         engine.dispose()
+
+
+def test_0002_keeps_a_positions_table_create_schema_made(sql_url: str) -> None:
+    """A database made by create_schema() (records and positions tables) and stamped at
+    0001 upgrades to the head without error; the schema stays create_schema()'s."""
+    engine = sa.create_engine(sql_url, poolclass=sa.NullPool)
+    try:
+        SqlStore(engine).create_schema()
+        made = schema_of(engine)
+        assert POSITIONS in made
+        _migrate.stamp(engine, "idempotent_0001")
+        assert _migrate.upgrade(engine) == _migrate.Migration(("idempotent_0001",), (HEAD,))
+        assert schema_of(engine) == made
+        _migrate.downgrade(engine, "idempotent_0001")
+        assert POSITIONS not in sa.inspect(engine).get_table_names()
+    finally:
+        engine.dispose()

@@ -12,7 +12,7 @@ of the partition's owner (`idempotent.integrations.kafka`).
 from __future__ import annotations
 
 import sqlalchemy as sa
-from alembic import op
+from alembic import context, op
 
 revision = "idempotent_0002"
 down_revision = "idempotent_0001"
@@ -23,6 +23,10 @@ TABLE = "idempotency_positions"
 
 
 def upgrade() -> None:
+    # A database made by this version's SqlStore.create_schema() and stamped at 0001
+    # (`idempotent db stamp idempotent_0001`) already has the table: keep it.
+    if not context.is_offline_mode() and sa.inspect(op.get_bind()).has_table(TABLE):
+        return
     op.create_table(
         TABLE,
         sa.Column("consumer_group", sa.String(200), nullable=False),
