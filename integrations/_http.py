@@ -67,6 +67,7 @@ NEVER_REPLAYED = frozenset({
 PROBLEM_BASE = "https://idempotent.readthedocs.io/en/latest/http/#"
 
 Identity = Callable[["Request"], "str | None"]
+_DEFAULT: Any = object()  # retry= not given: the decorator's default policy
 
 
 def default_storable(status: int) -> bool:
@@ -305,6 +306,8 @@ class HttpPolicy:
     * ``replay_headers``: more response headers to replay; ``storable``: the storage
       policy over the status (default `default_storable`); ``namespace``: the store
       namespace (one per API; default ``"http"``).
+    * ``retry``: the tenacity policy for transient store faults (default: the
+      decorator's `idempotent.transient_retry()`); when it gives up, 503.
     """
 
     def __init__(
@@ -323,6 +326,7 @@ class HttpPolicy:
         replay_headers: Iterable[str] = (),
         storable: Callable[[int], bool] = default_storable,
         namespace: str = "http",
+        retry: Any = _DEFAULT,
     ) -> None:
         extra = {h.lower() for h in replay_headers}
         if extra & NEVER_REPLAYED:
@@ -347,6 +351,7 @@ class HttpPolicy:
         self.allowed = REPLAY_HEADERS | extra
         self.storable = storable
         self.namespace = namespace
+        self.retry = retry
 
     def exchange(self, request: Request) -> Exchange | None:
         """The exchange of a covered request, None to pass it through (not covered, or
@@ -389,6 +394,7 @@ class HttpPolicy:
             lease=None if self.transactional else self.lease,
             wait=None if self.transactional else self.wait,
             optimistic=False,  # a duplicate waits on the key's row lock, never runs too
+            **({} if self.retry is _DEFAULT else {"retry": self.retry}),
         )(handler)
 
 

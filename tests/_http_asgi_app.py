@@ -25,7 +25,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from idempotent import RedisStore, SqlStore
+from idempotent import RedisStore, SqlStore, no_retry
 
 MODE = os.environ["IDEM_MODE"]
 PG = os.environ["IDEM_PG"].replace("postgresql+psycopg://", "postgresql+psycopg_async://")
@@ -122,7 +122,8 @@ inner = Starlette(routes=[Route(p, f, methods=["POST", "GET"]) for p, f in [
 options: dict[str, Any] = dict(
     transactional=MODE == "tx", identity=header_identity("X-Api-Key"),
     lease=float(os.environ.get("IDEM_LEASE", "30")), max_body=64 * 1024,
-    max_response=64 * 1024, replay_headers=["X-Custom"])
+    max_response=64 * 1024, replay_headers=["X-Custom"],
+    **({"retry": no_retry()} if os.environ.get("IDEM_NO_RETRY") else {}))
 plain = IdempotencyMiddleware(inner, store, **options)
 waiting = IdempotencyMiddleware(inner, store, **options, namespace="http-wait",
                                 wait=None if MODE == "tx" else 30.0)

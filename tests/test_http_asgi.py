@@ -547,3 +547,24 @@ def test_heartbeat_keeps_a_long_request_leased(lease: Env) -> None:
         t.join(DEADLINE)
         assert _pay(c, key).headers["idempotent-replayed"] == "true"
     assert lease.rows(key) == 1
+
+
+def test_store_down_is_503_and_runs_nothing(pg_server: Any, tmp_path: Path) -> None:
+    """Lease mode with its Redis unreachable (a port nothing listens on): 503
+    store-unavailable with Retry-After, the endpoint never ran."""
+    from _servers import free_port
+
+    url = _database(pg_server, "http_store_down")
+    try:
+        env = {"IDEM_MODE": "lease", "IDEM_PG": url, "IDEM_GATES": str(tmp_path),
+               "IDEM_REDIS": f"redis://{HOST}:{free_port()}/0", "IDEM_NO_RETRY": "1"}
+        with HttpServer("_http_asgi_app:app", env) as server:
+            e = Env(server, pg_server.dsn_for("http_store_down"), tmp_path)
+            key = _key()
+            with e.client() as c:
+                r = _pay(c, key)
+            _problem(r, 503, "store-unavailable")
+            assert r.headers["retry-after"] == "1"
+            assert e.rows(key) == 0
+    finally:
+        pg_server.drop_database("http_store_down")
