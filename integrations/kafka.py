@@ -481,22 +481,20 @@ class _PositionsSql:
             pk & (t.c.generation == P("g_gen")) & (t.c.next_offset == P("g_from"))
         ).values(next_offset=P("g_to"), updated_at=P("g_now"))
         self.read = sa.select(t.c.next_offset, t.c.generation).where(pk)
-        self.table, self.pg = t, dialect == "postgresql"
-
-    def advance_many(self, rows: list[dict[str, Any]]) -> Any:
-        """PostgreSQL: the fence of several partitions in one statement (an UPDATE joined
-        to a VALUES list); ``rowcount`` says how many matched."""
-        t = self.table
-        v = sa.values(sa.column("v_topic", sa.String), sa.column("v_partition", sa.Integer),
-                      sa.column("v_gen", sa.BigInteger), sa.column("v_from", sa.BigInteger),
-                      sa.column("v_to", sa.BigInteger), name="idem_fence").data(
-            [(r["g_topic"], r["g_partition"], r["g_gen"], r["g_from"], r["g_to"])
-             for r in rows])
-        return sa.update(t).where(
-            (t.c.consumer_group == sa.bindparam("g_group")) & (t.c.topic == v.c.v_topic)
-            & (t.c.partition == v.c.v_partition) & (t.c.generation == v.c.v_gen)
-            & (t.c.next_offset == v.c.v_from)
-        ).values(next_offset=v.c.v_to, updated_at=sa.bindparam("g_now"))
+        self.pg = dialect == "postgresql"
+        # PostgreSQL: the fence of every partition of a batch in one statement, an UPDATE
+        # joined to the arrays of (topic, partition, generation, from, to); its row count
+        # says how many partitions matched. One fixed text, prepared once by the driver.
+        q = store.engine.dialect.identifier_preparer
+        table, part = q.format_table(t), q.quote("partition")
+        self.advance_all = sa.text(
+            f"UPDATE {table} SET next_offset = v.dst, updated_at = :g_now "
+            "FROM unnest(CAST(:v_topic AS text[]), CAST(:v_part AS integer[]), "
+            "CAST(:v_gen AS bigint[]), CAST(:v_from AS bigint[]), CAST(:v_to AS bigint[])) "
+            "AS v(topic, part, gen, src, dst) "
+            f"WHERE {table}.consumer_group = :g_group AND {table}.topic = v.topic "
+            f"AND {table}.{part} = v.part AND {table}.generation = v.gen "
+            f"AND {table}.next_offset = v.src")
 
     def params(self, topic: str, partition: int, **more: Any) -> dict[str, Any]:
         return {"g_group": self.group, "g_topic": topic, "g_partition": partition,
@@ -652,9 +650,11 @@ class TransactionalConsumer(_Loop):
             rows.append(self.sql.params(topic, partition, g_gen=owned[1], g_from=owned[0],
                                         g_to=end))
         if len(rows) > 1 and self.sql.pg:  # one round trip for every partition of the batch
-            stmt = self.sql.advance_many(rows)
-            if conn.execute(stmt, {"g_group": self.sql.group, "g_now": time.time()}
-                            ).rowcount != len(rows):
+            arrays = {"g_group": self.sql.group, "g_now": time.time(),
+                      **{name: [r[col] for r in rows] for name, col in (
+                          ("v_topic", "g_topic"), ("v_part", "g_partition"),
+                          ("v_gen", "g_gen"), ("v_from", "g_from"), ("v_to", "g_to"))}}
+            if conn.execute(self.sql.advance_all, arrays).rowcount != len(rows):
                 raise _Moved(*next(iter(spans)))  # which one: `_after_refusal` finds out
             return
         for params in rows:
@@ -789,11 +789,22 @@ class LeaseConsumer(_Loop):
     def poll_batch(self, timeout: float | None = None) -> int:
         """As `TransactionalConsumer.poll_batch`; then Kafka's offsets are committed."""
         n = super().poll_batch(timeout)
-        offsets = [TopicPartition(t, p, o[0]) for (t, p), o in self.owned.items()]
-        if n and offsets:
-            try:
-                self.consumer.commit(offsets=offsets, asynchronous=False)
-            except KafkaException as exc:  # a rebalance: the records dedup the redelivery
-                _LOG.warning("Kafka offset commit failed: %r", exc)
+        if n:
+            self._commit_offsets(list(self.owned))
         return n
+
+    def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
+        # what this consumer applied, committed before the next owner starts from it
+        self._commit_offsets([(tp.topic, tp.partition) for tp in partitions])
+        super()._on_revoke(consumer, partitions)
+
+    def _commit_offsets(self, which: list[tuple[str, int]]) -> None:
+        offsets = [TopicPartition(t, p, self.owned[(t, p)][0]) for t, p in which
+                   if (t, p) in self.owned]
+        if not offsets:
+            return
+        try:
+            self.consumer.commit(offsets=offsets, asynchronous=False)
+        except KafkaException as exc:  # a rebalance: the records dedup the redelivery
+            _LOG.warning("Kafka offset commit failed: %r", exc)
 
