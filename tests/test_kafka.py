@@ -329,3 +329,61 @@ def test_lease_consumer_redelivery_runs_no_effect_twice(
     assert [dict(d.headers())["idempotent-attempts"] for d in dead] == [b"2", b"2"]
     assert {dict(d.headers())["idempotent-error"] for d in dead} == {
         b"ConnectionRefusedError: provider down"}
+
+
+def test_a_commit_whose_answer_was_lost_is_not_redone(
+        kafka: MockKafka, store: SqlStore) -> None:
+    """The batch committed but the consumer did not learn it (COMMIT's answer lost): the
+    retry's fence fails, the stored row holds exactly the batch's end under this
+    consumer's generation, so the batch counts as done; the retry's writes rolled back."""
+    topic, group = names()
+    msgs, amounts = payments(30)
+    kafka.produce(topic, [dict(m, partition=0) for m in msgs])
+    seen: list[list[Any]] = []
+    inner = apply_batch("t")
+
+    def apply(messages: list[Any], connection: sa.Connection) -> None:
+        seen.append(messages)
+        inner(messages, connection)
+
+    c = TransactionalConsumer(kafka.consumer_config(group), store, [topic], apply,
+                              decode=json.loads)
+    try:
+        drain([c], kafka, topic)
+        batch = seen[-1]
+        start = batch[0].offset
+        c.owned[(topic, 0)][0] = start  # as if the last COMMIT's answer never came
+        c._apply(batch)  # the retry of that batch
+        assert c.owned[(topic, 0)][0] == 30 and len(seen[-1]) == len(batch)
+    finally:
+        c.close()
+    assert ledger_figures(store.engine) == (30, 30, sum(amounts.values()))
+
+
+def test_a_terminated_backend_is_retried_not_counted_as_an_attempt(
+        kafka: MockKafka, store: SqlStore, pg_server: Any) -> None:
+    """A handler whose transaction's backend is terminated mid-batch (pg_terminate_backend):
+    the batch is retried whole, never counted as an attempt (``max_attempts=1``) and never
+    dead-lettered; every payment applied once."""
+    topic, group = names()
+    msgs, amounts = payments(200)
+    kafka.produce(topic, msgs)
+    inner = apply_batch("t")
+    kills: list[int] = []
+
+    def apply(messages: list[Any], connection: sa.Connection) -> None:
+        inner(messages, connection)
+        if len(kills) < 3:  # three batches lose their connection after writing
+            pid = connection.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+            kills.extend(pg_server.terminate_backends(pid=pid))
+            connection.exec_driver_sql("SELECT 1")  # the dead connection fails here
+
+    c = TransactionalConsumer(kafka.consumer_config(group), store, [topic], apply,
+                              decode=json.loads, max_attempts=1,
+                              dead_letter_topic=f"{topic}.dlq")
+    try:
+        drain([c], kafka, topic)
+    finally:
+        c.close()
+    assert len(kills) == 3 and c.dead_lettered == 0
+    assert ledger_figures(store.engine) == (200, 200, sum(amounts.values()))
