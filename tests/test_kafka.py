@@ -62,6 +62,17 @@ def drain(consumers: list[TransactionalConsumer], kafka: MockKafka, topic: str,
             c.poll_batch(0.05)
 
 
+def consume_all(kafka: MockKafka, store: SqlStore, topic: str, group: str,
+                **kw: Any) -> TransactionalConsumer:
+    """A consumer (`consumer`) run until every position is at its end, then closed."""
+    c = consumer(kafka, store, topic, group, **kw)
+    try:
+        drain([c], kafka, topic)
+    finally:
+        c.close()
+    return c
+
+
 def consumer(kafka: MockKafka, store: SqlStore, topic: str, group: str, worker: str = "t",
              **kw: Any) -> TransactionalConsumer:
     conf = kafka.consumer_config(group, **kw.pop("conf", {}))
@@ -75,13 +86,12 @@ def test_business_key_dedup_and_exact_positions(kafka: MockKafka, store: SqlStor
     topic, group = names()
     msgs, amounts = payments(2000, copies=(1, 3))
     kafka.produce(topic, msgs)
-    c = consumer(kafka, store, topic, group, key=header("payment-id"))
-    try:
-        drain([c], kafka, topic)
-    finally:
-        c.close()
+    c = consume_all(kafka, store, topic, group, key=header("payment-id"))
     assert ledger_figures(store.engine) == (2000, 2000, sum(amounts.values()))
     assert len(msgs) > 3000
+    ends = kafka.end_offsets(topic)
+    assert {p: c.position(topic, p)[0] for p in ends} == ends  # type: ignore[index]
+    assert kafka.committed(group, topic) == ends  # written after, for monitoring
 
 
 def test_resumes_from_the_database_not_kafkas_committed_offsets(
@@ -92,11 +102,7 @@ def test_resumes_from_the_database_not_kafkas_committed_offsets(
     topic, group = names()
     first, amounts = payments(400, prefix="a")
     kafka.produce(topic, first)
-    c = consumer(kafka, store, topic, group)
-    try:
-        drain([c], kafka, topic)
-    finally:
-        c.close()
+    c = consume_all(kafka, store, topic, group)
     stored = {p: c.position(topic, p) for p in range(PARTITIONS)}
     assert kafka.committed(group, topic) == {p: stored[p][0] for p in range(PARTITIONS)}
     more, more_amounts = payments(400, prefix="b", seed=8)
@@ -105,11 +111,7 @@ def test_resumes_from_the_database_not_kafkas_committed_offsets(
     lie = {0: 0, **{p: ends[p] for p in range(1, PARTITIONS)}}
     kafka.commit_offsets(group, topic, lie)
     assert kafka.committed(group, topic) == lie
-    c = consumer(kafka, store, topic, group, worker="second")
-    try:
-        drain([c], kafka, topic)
-    finally:
-        c.close()
+    c = consume_all(kafka, store, topic, group, worker="second")
     amounts.update(more_amounts)
     assert ledger_figures(store.engine) == (800, 800, sum(amounts.values()))
     with store.engine.connect() as conn:  # the second consumer applied exactly the new ones
@@ -209,12 +211,8 @@ def test_bad_input_is_dead_lettered_at_once(kafka: MockKafka, store: SqlStore) -
                    {"value": b"\xff\xfe not json", "headers": [("payment-id", b"raw")],
                     "partition": 1}]
     kafka.produce(topic, msgs)
-    c = consumer(kafka, store, topic, group, key=header("payment-id"),
+    c = consume_all(kafka, store, topic, group, key=header("payment-id"),
                  dead_letter_topic=f"{topic}.dlq")
-    try:
-        drain([c], kafka, topic)
-    finally:
-        c.close()
     assert ledger_figures(store.engine) == (50, 50, sum(amounts.values()))
     dead = {dict(m.headers())["idempotent-error-type"]: dict(m.headers())
             for m in kafka.read_all(f"{topic}.dlq", 2)}
@@ -256,11 +254,7 @@ def test_out_of_range_stored_offset_is_a_typed_error(
     topic, group = names()
     msgs, _ = payments(20)
     kafka.produce(topic, msgs)
-    c = consumer(kafka, store, topic, group)
-    try:
-        drain([c], kafka, topic)
-    finally:
-        c.close()
+    c = consume_all(kafka, store, topic, group)
     with store.engine.begin() as conn:
         conn.execute(store.positions.update().where(store.positions.c.partition == 3)
                      .values(next_offset=stored))
