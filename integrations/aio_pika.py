@@ -82,7 +82,9 @@ class Consumer:
             channel = await connection.channel(publisher_confirms=True)
             self._channel = channel
             await channel.set_qos(prefetch_count=self.prefetch)
-            queue = await channel.get_queue(self.queue, ensure=False)
+            # declared (passively) through the robust channel, so a reconnection declares
+            # it again and restores the consumer
+            queue = await channel.declare_queue(self.queue, passive=True)
             tag = await queue.consume(self._on_message, no_ack=False)
             if on_ready is not None:
                 on_ready()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import uuid
 from collections import Counter
 from collections.abc import Callable
@@ -13,7 +14,16 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from _amqp_common import apply_payment, declare, drain, ledger, metadata, publish, ready_count
+from _amqp_common import (
+    apply_payment,
+    declare,
+    drain,
+    ledger,
+    metadata,
+    publish,
+    ready_count,
+    wait_until,
+)
 from _rabbitmq import RabbitServer, rabbit  # noqa: F401 - the session fixture
 from idempotent.integrations.aio_pika import Consumer, Message
 from idempotent.integrations.amqp import DELIVERIES_HEADER, ERROR_HEADER, ERROR_TYPE_HEADER
@@ -134,3 +144,44 @@ def test_sync_handler_bad_input_and_poison(pg_url: str, rabbit: RabbitServer) ->
     rows = _rows(pg_url)
     assert len(rows) == 99 and set(rows.values()) == {1} and "pay-0017" not in rows
     assert ready_count(rabbit.url, q) == 0
+
+
+def test_broker_restart_mid_run_loses_nothing(pg_url: str, rabbit: RabbitServer) -> None:  # noqa: F811
+    """The RabbitMQ node is SIGKILLed and restarted while the aio-pika consumer works
+    through 400 payments on a quorum queue: the robust connection reconnects, the consumer
+    is restored, what was unacked is redelivered, and every payment is in the ledger once."""
+    _prepare(pg_url)
+    q = f"arq-{uuid.uuid4().hex[:8]}"
+    declare(rabbit.url, q, quorum=True, dlx=f"{q}.dlx")
+    pays = [{"payment_id": f"pay-{i:04d}", "cents": i + 1} for i in range(400)]
+    publish(rabbit.url, q, [(p, {"message_id": p["payment_id"]}) for p in pays])
+    engine = sa.create_engine(pg_url, pool_pre_ping=True)
+    consumer = Consumer(apply_payment, SqlStore(engine), queue=q,
+                        dead_letter_exchange=f"{q}.dlx", namespace="aio.restart")
+    ready = threading.Event()
+    errors: list[BaseException] = []
+
+    def loop() -> None:  # the consumer's event loop in a thread: the node restarts from
+        try:             # the main thread, which it dies with
+            asyncio.run(consumer.run(rabbit.url, on_ready=ready.set))
+        except BaseException as exc:
+            errors.append(exc)
+            ready.set()
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    try:
+        assert ready.wait(30) and not errors, errors
+        wait_until(lambda: len(_rows(pg_url)) >= 100, 60, "100 applied")
+        applied_at_restart = len(_rows(pg_url))
+        rabbit.restart(kill=True)  # until the node answers again
+        wait_until(lambda: len(_rows(pg_url)) == 400 and ready_count(rabbit.url, q) == 0,
+                   120, "all applied after the restart", lambda: f"{len(_rows(pg_url))}")
+    finally:
+        consumer.stop()
+        thread.join(30)
+        engine.dispose()
+    assert not thread.is_alive() and not errors, errors
+    assert applied_at_restart < 400  # the restart came mid-run
+    assert _rows(pg_url) == Counter({p["payment_id"]: 1 for p in pays})
+    assert ready_count(rabbit.url, f"{q}.dlx") == 0
