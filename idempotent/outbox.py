@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import queue
 import random
 import threading
 import time
@@ -50,7 +52,7 @@ from sqlalchemy.orm import Session
 
 from ._keys import check_text
 from .events import Event, Listener, emit
-from .exceptions import IdempotencyError
+from .exceptions import IdempotencyError, IdempotencyKeyConflict
 from .stores.base import Store
 from .stores.sql import SqlStore
 
@@ -196,6 +198,15 @@ class Outbox:
         self._listeners = tuple(listeners)
         self._clock = clock
         self._skip_locked = store.dialect == "postgresql"
+        self._insert_or_nothing: Any = None
+        if store.dialect in ("postgresql", "sqlite"):
+            from sqlalchemy.dialects import postgresql, sqlite
+
+            dialect_insert = (postgresql.insert if store.dialect == "postgresql"
+                              else sqlite.insert)
+            self._insert_or_nothing = dialect_insert(self.table).on_conflict_do_nothing(
+                index_elements=["id"]).returning(self.table.c.id)
+        self._marker = _Marker(self)
 
     # -- staging -----------------------------------------------------------------------
     def stage(
@@ -247,22 +258,27 @@ class Outbox:
             "created_at": now, "next_at": now + self.grace,
         }
         t = self.table
-        existing = conn.execute(
-            sa.select(t.c.publisher, t.c.target, t.c.body).where(t.c.id == id)).first()
-        if existing is None:
-            conn.execute(t.insert().values(**row))
-        elif tuple(existing) != (publisher, target, encoded):
-            from .exceptions import IdempotencyKeyConflict
-
-            raise IdempotencyKeyConflict(
-                f"the message id {id!r} is already staged with another message; nothing "
-                "was staged", namespace=f"outbox:{publisher}", key=id)
+        if self._insert_or_nothing is not None:
+            inserted = conn.execute(self._insert_or_nothing, row).first() is not None
         else:
+            inserted = conn.execute(sa.select(t.c.id).where(t.c.id == id)).first() is None
+            if inserted:
+                conn.execute(t.insert(), row)
+        if not inserted:
+            existing = conn.execute(
+                sa.select(t.c.publisher, t.c.target, t.c.body).where(t.c.id == id)).one()
+            if tuple(existing) != (publisher, target, encoded):
+                raise IdempotencyKeyConflict(
+                    f"the message id {id!r} is already staged with another message; nothing "
+                    "was staged", namespace=f"outbox:{publisher}", key=id)
             return id  # the same message staged again: one entry
-        self._remember(tx, id)
+        # staged inside a SAVEPOINT: that savepoint may roll back while the transaction
+        # commits, so the publish after COMMIT reads whether the entry is there
+        nested = tx.in_nested_transaction()
+        self._remember(tx, _Staged(id, publisher, target, body, confirm is not None, nested))
         return id
 
-    def _remember(self, tx: Session | sa.Connection, id: str) -> None:
+    def _remember(self, tx: Session | sa.Connection, staged: _Staged) -> None:
         info = tx.info
         if isinstance(tx, Session) and not info.get(_LISTENING):
             # once per session: publish what each commit made durable; forget what a
@@ -270,12 +286,14 @@ class Outbox:
             sa_event.listen(tx, "after_commit", self._after_session_commit)
             sa_event.listen(tx, "after_soft_rollback", _forget_staged)
             info[_LISTENING] = True
-        info.setdefault(_STAGED, []).append(id)
+        info.setdefault(_STAGED, []).append(staged)
 
     def _after_session_commit(self, session: Session) -> None:
-        ids = session.info.pop(_STAGED, None)
-        if ids:
-            self._publish_after_commit(ids)
+        if session.in_nested_transaction():  # a SAVEPOINT was released: not yet durable
+            return
+        staged = session.info.pop(_STAGED, None)
+        if staged:
+            self._publish_after_commit(staged)
 
     @contextmanager
     def begin(self) -> Iterator[sa.Connection]:
@@ -283,25 +301,93 @@ class Outbox:
         with self.store.engine.connect() as conn:
             with conn.begin():
                 yield conn
-            ids = conn.info.pop(_STAGED, None)
-        if ids:
-            self._publish_after_commit(ids)
+            staged = conn.info.pop(_STAGED, None)
+        if staged:
+            self._publish_after_commit(staged)
 
     def publish_staged(self, conn: sa.Connection) -> int:
         """Publish what was staged on ``conn`` since the last call, after its commit.
         Entries whose transaction rolled back are not in the table and are skipped."""
-        ids = conn.info.pop(_STAGED, None)
-        return self._publish_after_commit(ids) if ids else 0
+        staged = conn.info.pop(_STAGED, None)
+        return self._publish_after_commit(staged, check_all=True) if staged else 0
 
-    def _publish_after_commit(self, ids: Sequence[str]) -> int:
-        """The committing process's immediate publish. A failure here is logged, never
-        raised: the caller's transaction has committed, and the relay retries the entry."""
-        try:
-            return self._pass(ids=list(ids)).published
-        except Exception:
-            log.warning("publishing %d staged message(s) after commit failed; the relay will "
-                        "publish them", len(ids), exc_info=True)
-            return 0
+    def _publish_after_commit(self, staged: Sequence[_Staged], *, check_all: bool = False
+                              ) -> int:
+        """The committing process's immediate publish, marked by a background thread in
+        batches. Entries staged inside a SAVEPOINT (which may have rolled back while the
+        transaction committed), or all of them when the caller only says it committed
+        (``check_all``), are read first: only those in the table are published. A failure
+        is logged, never raised: the caller's transaction has committed, and the relay
+        retries the entry after ``grace``."""
+        t = self.table
+        there = {e.id for e in staged if not (e.nested or check_all)}
+        check = [e.id for e in staged if e.nested or check_all]
+        if check:
+            try:
+                with self.store._autocommit.connect() as conn:
+                    there.update(r[0] for r in conn.execute(sa.select(t.c.id).where(
+                        t.c.id.in_(check), t.c.state == "pending")))
+            except Exception:
+                log.warning("could not read %d staged message(s) after commit; the relay "
+                            "will publish them", len(check), exc_info=True)
+        published = 0
+        for item in staged:
+            if item.id not in there:
+                continue
+            entry = item.entry()
+            try:
+                self.publishers[item.publisher].publish(entry)
+            except Exception as exc:
+                log.warning("publishing %s (%s:%s) after commit failed (%s: %s); the relay "
+                            "will publish it", item.id, item.publisher, item.target,
+                            type(exc).__name__, exc)
+                self._marker.put((item.id, None, f"{type(exc).__name__}: {exc}"[:MAX_ERROR]))
+                self._event("outbox_publish_failed", entry, error=type(exc).__name__)
+                continue
+            published += 1
+            self._marker.put((item.id, item.confirm, None))
+            self._event("outbox_published", entry, attempt=1)
+        return published
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Wait until the marks of what this process published are written; False on
+        timeout. (A mark that is never written costs a duplicate publish by a relay.)"""
+        return self._marker.flush(timeout)
+
+    def close(self) -> None:
+        """Write the outstanding marks and stop the background marker thread."""
+        self._marker.close()
+
+    def _write_marks(self, marks: list[tuple[str, bool | None, str | None]]) -> None:
+        """The marker thread's batch: published entries become ``sent`` / ``published``;
+        failed ones keep ``pending`` with their error and a retry time."""
+        t = self.table
+        now = self._clock()
+        sent = [m[0] for m in marks if m[1] is False]
+        confirm = [m[0] for m in marks if m[1] is True]
+        failed = [(m[0], m[2]) for m in marks if m[1] is None]
+        with self.store.engine.begin() as conn:
+            self._async_commit(conn)
+            pending = t.c.state == "pending"
+            if sent:
+                conn.execute(t.update().where(t.c.id.in_(sent), pending).values(
+                    state="sent", publishes=t.c.publishes + 1, failures=0, published_at=now,
+                    next_at=None, last_error=None))
+            if confirm:
+                conn.execute(t.update().where(t.c.id.in_(confirm), pending).values(
+                    state="published", publishes=t.c.publishes + 1, failures=0,
+                    published_at=now, next_at=now + self._delay(1), last_error=None))
+            for id, error in failed:
+                conn.execute(t.update().where(t.c.id == id, pending).values(
+                    failures=t.c.failures + 1,
+                    next_at=now + self.retry_after * random.uniform(1.0, 1.1),
+                    last_error=error))
+
+    def _async_commit(self, conn: sa.Connection) -> None:
+        """A lost mark costs only a duplicate publish (the consumer drops it by the id), so
+        the relay's and the marker's transactions need not wait for the WAL flush."""
+        if self._skip_locked:  # PostgreSQL
+            conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
 
     # -- the relay ---------------------------------------------------------------------
     def relay_once(self, batch: int = 100) -> RelayReport:
@@ -329,30 +415,26 @@ class Outbox:
                 stop.wait(interval)
         return total
 
-    def _pass(self, *, ids: list[str] | None = None, batch: int = 100) -> RelayReport:
+    def _pass(self, *, batch: int = 100) -> RelayReport:
         t = self.table
         now = self._clock()
-        query = sa.select(t).where(t.c.state.in_(_OPEN))
-        if ids is not None:
-            query = query.where(t.c.id.in_(ids), t.c.state == "pending")
-        else:
-            query = query.where(t.c.next_at <= now).order_by(t.c.next_at).limit(batch)
+        query = (sa.select(t).where(t.c.state.in_(_OPEN), t.c.next_at <= now)
+                 .order_by(t.c.next_at).limit(batch))
         if self._skip_locked:
             query = query.with_for_update(skip_locked=True)
         published = republished = confirmed = unconfirmed = failed = 0
+        done: dict[tuple[str, int], list[str]] = {}  # (new state, publishes) -> ids
         with self.store.engine.begin() as conn:
+            self._async_commit(conn)
             for row in conn.execute(query).mappings().all():
                 entry = _entry(row)
-                done = self._confirmed(entry) if entry.state == "published" else False
-                if done:
-                    conn.execute(t.update().where(t.c.id == entry.id).values(
-                        state="confirmed", confirmed_at=now, next_at=None))
+                if entry.state == "published" and self._confirmed(entry):
+                    done.setdefault(("confirmed", 0), []).append(entry.id)
                     confirmed += 1
                     self._event("outbox_confirmed", entry)
                     continue
                 if entry.publishes >= self.max_publishes:
-                    conn.execute(t.update().where(t.c.id == entry.id).values(
-                        state="unconfirmed", next_at=None))
+                    done.setdefault(("unconfirmed", 0), []).append(entry.id)
                     unconfirmed += 1
                     log.warning(
                         "outbox entry %s (%s:%s) is still unconfirmed after %d publishes; "
@@ -372,17 +454,25 @@ class Outbox:
                     self._event("outbox_publish_failed", entry, error=type(exc).__name__)
                     continue
                 n = entry.publishes + 1
-                wants_confirmation = entry.confirm_key is not None
-                conn.execute(t.update().where(t.c.id == entry.id).values(
-                    state="published" if wants_confirmation else "sent", publishes=n,
-                    failures=0, published_at=now, last_error=None,
-                    next_at=now + self._delay(n) if wants_confirmation else None))
+                state = "published" if entry.confirm_key is not None else "sent"
+                done.setdefault((state, n), []).append(entry.id)
                 if entry.publishes == 0:
                     published += 1
                     self._event("outbox_published", entry, attempt=n)
                 else:
                     republished += 1
                     self._event("outbox_republished", entry, attempt=n)
+            for (state, n), ids in done.items():
+                values: dict[str, Any]
+                if state == "confirmed":
+                    values = {"confirmed_at": now, "next_at": None}
+                elif state == "unconfirmed":
+                    values = {"next_at": None}
+                else:
+                    values = {"publishes": n, "failures": 0, "published_at": now,
+                              "last_error": None,
+                              "next_at": now + self._delay(n) if state == "published" else None}
+                conn.execute(t.update().where(t.c.id.in_(ids)).values(state=state, **values))
         return RelayReport(published, republished, confirmed, unconfirmed, failed)
 
     def _delay(self, publishes: int) -> float:
@@ -435,6 +525,113 @@ class Outbox:
                     t.c.id.in_(ids), t.c.state.in_(("confirmed", "sent")))).rowcount
             if len(ids) < batch:
                 return deleted
+
+
+@dataclass(frozen=True, slots=True)
+class _Staged:
+    """What the committing process remembers of a message it staged."""
+
+    id: str
+    publisher: str
+    target: str
+    body: Any
+    confirm: bool
+    nested: bool
+
+    def entry(self) -> Entry:
+        return Entry(id=self.id, publisher=self.publisher, target=self.target, body=self.body,
+                     state="pending", publishes=0, failures=0, confirm_namespace=None,
+                     confirm_key=None, created_at=0.0, next_at=None, last_error=None)
+
+
+class _Marker:
+    """The background thread that writes the marks of the immediate publishes in batches
+    (one transaction for up to 1,000, without waiting for the WAL flush). Started on first
+    use, again after a fork; a daemon, so a process that exits without `Outbox.close`
+    only leaves marks unwritten: those entries are published once more by a relay."""
+
+    def __init__(self, outbox: Outbox) -> None:
+        self._outbox = outbox
+        self._marks: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._pending = 0  # marks put and not yet written (or given up)
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+
+    def put(self, mark: tuple[str, bool | None, str | None]) -> None:
+        with self._lock:
+            if self._pid != os.getpid():  # a forked child: the parent's marks are not ours
+                self._marks = queue.SimpleQueue()
+                self._pending = 0
+                self._thread = None
+                self._pid = os.getpid()
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, args=(self._marks,),
+                                                name="idempotent-outbox-marks", daemon=True)
+                self._thread.start()
+            self._pending += 1
+            self._marks.put(mark)
+
+    def _run(self, marks: queue.SimpleQueue[Any]) -> None:
+        while True:
+            try:
+                first = marks.get(timeout=5.0)
+            except queue.Empty:
+                with self._lock:
+                    if self._pending == 0 and marks is self._marks:
+                        self._thread = None  # idle: the next put starts a new one
+                        return
+                continue
+            if first is _STOP:
+                return
+            batch = [first]
+            stop = False
+            while len(batch) < 1000:
+                try:
+                    item = marks.get_nowait()
+                except queue.Empty:
+                    break
+                if item is _STOP:
+                    stop = True
+                    break
+                batch.append(item)
+            for attempt in range(3):
+                try:
+                    self._outbox._write_marks(batch)
+                    break
+                except Exception:
+                    if attempt == 2:
+                        log.warning("could not write %d outbox mark(s); a relay will publish "
+                                    "those entries again", len(batch), exc_info=True)
+                    else:
+                        time.sleep(0.1 * (attempt + 1))
+            with self._lock:
+                self._pending -= len(batch)
+                self._idle.notify_all()
+            if stop:
+                return
+
+    def flush(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while self._pending > 0:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._idle.wait(left)
+        return True
+
+    def close(self) -> None:
+        self.flush(30.0)
+        with self._lock:
+            thread, self._thread = self._thread, None
+        if thread is not None and thread.is_alive():
+            self._marks.put(_STOP)
+            thread.join(10)
+
+
+_STOP: Any = object()
 
 
 def _forget_staged(session: Session, previous_transaction: Any) -> None:

@@ -55,22 +55,31 @@ class Clock:
         return self.now
 
 
+_BOXES: list[Outbox] = []
+
+
 @pytest.fixture
 def store(sql_url: str) -> Iterator[SqlStore]:
     s = SqlStore(sql_url)
     yield s
+    while _BOXES:
+        _BOXES.pop().close()
     s.engine.dispose()
 
 
 def make(store: SqlStore, **kw: Any) -> tuple[Outbox, Recorder, Clock, list[Event]]:
     rec, clock, events = Recorder(), Clock(), []
     box = Outbox(store, [rec], clock=clock, listeners=[events.append], **kw)
+    _BOXES.append(box)
     store.create_schema()
     ORDERS.create(store.engine, checkfirst=True)
     return box, rec, clock, events
 
 
 def rows(store: SqlStore) -> dict[str, str]:
+    """Each entry's state, once the marks of the immediate publishes are written."""
+    for box in _BOXES:
+        assert box.flush(30)
     t = store.metadata.tables["idempotency_outbox"]
     with store.engine.connect() as conn:
         return dict(conn.execute(sa.select(t.c.id, t.c.state)).all())  # type: ignore[arg-type]
@@ -95,9 +104,41 @@ def test_rollback_after_staging_publishes_nothing_ever(store: SqlStore) -> None:
             s.rollback()
         with s.begin():  # the session goes on: the rolled-back id is forgotten
             box.stage(s, publisher="rec", target="t", body={}, id="m2")
+    assert box.flush(30)  # the immediate publish's mark is written
     clock.now += 3600
-    assert box.relay_once() .published == 0
+    assert box.relay_once().published == 0
     assert rec.ids() == Counter({"m2": 1}) and rows(store) == {"m2": "sent"}
+
+
+def test_a_savepoint_rolled_back_publishes_nothing_of_it(store: SqlStore) -> None:
+    """Entries staged in a SAVEPOINT that rolled back are not published when the rest of
+    the transaction commits (Session and Connection)."""
+    box, rec, clock, _ = make(store)
+    with Session(store.engine) as s, s.begin():
+        box.stage(s, publisher="rec", target="t", body={}, id="kept-1")
+        sp = s.begin_nested()
+        box.stage(s, publisher="rec", target="t", body={}, id="gone-1")
+        sp.rollback()
+        with s.begin_nested():  # a savepoint that is released: its entry is published
+            box.stage(s, publisher="rec", target="t", body={}, id="kept-2")
+    with box.begin() as conn:
+        sp2 = conn.begin_nested()
+        box.stage(conn, publisher="rec", target="t", body={}, id="gone-2")
+        sp2.rollback()
+        box.stage(conn, publisher="rec", target="t", body={}, id="kept-3")
+    with Session(store.engine) as s:  # a released SAVEPOINT is not a commit
+        s.begin()
+        # (a write first: pysqlite sends no BEGIN before one, and a SAVEPOINT outside a
+        # transaction is a transaction of its own on SQLite, which its RELEASE commits)
+        s.execute(ORDERS.insert().values(id="o-never"))
+        with s.begin_nested():
+            box.stage(s, publisher="rec", target="t", body={}, id="never")
+        assert rec.ids()["never"] == 0
+        s.rollback()
+    assert rows(store) == {"kept-1": "sent", "kept-2": "sent", "kept-3": "sent"}
+    clock.now += 3600
+    assert box.relay_once().published == 0
+    assert rec.ids() == Counter({"kept-1": 1, "kept-2": 1, "kept-3": 1})
 
 
 def test_connection_begin_and_publish_staged(store: SqlStore) -> None:
@@ -196,6 +237,7 @@ def test_publisher_down_retries_with_backoff(store: SqlStore) -> None:
     rec.fail = 10**6
     with Session(store.engine) as s, s.begin():
         box.stage(s, publisher="rec", target="t", body={}, id="m1")
+    assert box.flush(30)  # the failed immediate publish is marked
     for _ in range(5):
         clock.now += 3600
         assert box.relay_once().failed == 1
