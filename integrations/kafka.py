@@ -307,10 +307,12 @@ class _Loop:
         batch: list[Any] = []
         for m in raw:
             err = m.error()
-            if err is not None:
-                if err.code() == KafkaError._PARTITION_EOF:
-                    continue
-                raise KafkaException(err)
+            if err is not None:  # an event, not a message: librdkafka retries what it can
+                if err.fatal():
+                    raise KafkaException(err)
+                if err.code() != KafkaError._PARTITION_EOF:
+                    _LOG.warning("consumer %s: %s", self.group, err)
+                continue
             owned = self.owned.get((m.topic(), m.partition()))
             # a message of a partition given up in this consume(), or one already applied
             if owned is None or m.offset() < owned[0]:
