@@ -31,7 +31,7 @@ try:
     import aio_pika
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
-        "idempotent.integrations.aio_pika needs aio-pika: pip install 'idempotent[aio-pika]'"
+        "idempotent.integrations.aio_pika needs aio-pika: pip install 'idempotent-py[aio-pika]'"
     ) from exc
 
 from idempotent.stores import Store

@@ -385,7 +385,7 @@ class Consumer:
             import pika  # noqa: F401
         except ImportError as exc:  # pragma: no cover - depends on the environment
             raise ImportError(
-                "idempotent.integrations.amqp needs pika: pip install 'idempotent[amqp]'"
+                "idempotent.integrations.amqp needs pika: pip install 'idempotent-py[amqp]'"
             ) from exc
         self.processor = Processor(handler, store, queue=queue, **options)
         if self.processor.is_async:
