@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from _amqp_common import connection, ready_count
-from _celery_app import apply_payment
+from _celery_app import apply_payment, charge
 from _celery_harness import Worker, ledger_database, payments_rows, wait_until, worker_env
 from _rabbitmq import RabbitServer, rabbit  # noqa: F401 - the session fixture
 from _servers import PostgresServer
@@ -248,3 +248,36 @@ def test_celery_consumer_timeout_loses_nothing(
         with connection(rabbit.url) as conn:
             conn.channel().queue_delete(queue)
     assert rows == {"pay_slow": [4200]}
+
+
+def test_celery_in_progress_retry_goes_through_rabbitmq(
+        rabbit: RabbitServer, db: tuple[str, str], logs: Path) -> None:  # noqa: F811
+    """Two copies of a lease-mode payment reach the two pool processes at once: one runs,
+    the other gets AlreadyInProgress, and the integration publishes it again through
+    RabbitMQ with a countdown; that copy finds the stored result. The body ran once."""
+    _, db_url = db
+    queue = f"celery-ip-{uuid.uuid4().hex[:8]}"
+    worker = Worker("ip", worker_env(broker=rabbit.url, db=db_url, backend=None), logs,
+                    concurrency=2, queues=queue)
+    engine = sa.create_engine(db_url)
+    try:
+        payment = {"payment_id": "pay_ip", "account": "acc_1", "cents": 900, "hold": 2}
+        with Connection(rabbit.url, transport_options={"confirm_publish": True}) as conn:
+            for _ in range(2):
+                send_once(charge, (payment,), connection=conn, queue=queue)
+        worker.start()
+        wait_until(lambda: worker.current_log().count(b" succeeded in ") >= 2, 60,
+                   "both copies succeeded", describe=worker.log_tail)
+        log = worker.current_log()
+        worker.stop()
+        assert ready_count(rabbit.url, queue) == 0
+        with engine.connect() as c:
+            calls = c.execute(sa.text("SELECT count(*) FROM psp_calls")).scalar()
+            charges = c.execute(sa.text("SELECT count(*) FROM psp_charges")).scalar()
+    finally:
+        worker.stop()
+        engine.dispose()
+        with connection(rabbit.url) as conn:
+            conn.channel().queue_delete(queue)
+    assert b"AlreadyInProgress" in log and b"Retry in" in log
+    assert calls == 1 and charges == 1
