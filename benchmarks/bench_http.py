@@ -17,9 +17,10 @@ insert one ledger row on PostgreSQL (psycopg async, a pool of 20), answer 201 wi
   same work as ours without ``identity=``)
 
 Every request has a new ``Idempotency-Key`` (first-time keys: the path that claims,
-runs, stores). Rounds are interleaved (each variant ``--seconds`` of wrk per round, the
-order rotated); requests/s and the ratio against ``bare`` are medians over rounds (the
-ratio of each round's pair, seconds apart); p50/p99 latency from wrk, medians over rounds.
+runs, stores). Rounds are interleaved (each variant ``--seconds`` of wrk per round, 2 s by
+default over 15 rounds, the order rotated); requests/s and the ratio against ``bare`` are
+medians over rounds (the ratio of each round's pair, seconds apart); p50/p99 latency from
+wrk, medians over rounds.
 Requests that were not 2xx are counted and reported (they would void a figure).
 
 Run: ``.venv/bin/python benchmarks/bench_http.py [--quick] [--rounds R] [--seconds S]
@@ -100,7 +101,8 @@ else:
 
     HERE = Path(__file__).resolve().parent
     VARIANTS = {"bare": "bare", "ours, lease, Redis": "lease",
-                "ours, transactional, PostgreSQL": "tx", "idemkit, Redis": "idemkit"}
+                "ours, transactional, PostgreSQL": "tx",
+                "idemkit, Redis": "idemkit"}
     TARGETS = {"ours, lease, Redis": ("vs bare", 0.8),
                "ours, transactional, PostgreSQL": ("vs bare", 0.8)}
     WRK_SCRIPT = r"""
@@ -138,8 +140,10 @@ end
         ap.add_argument("--seconds", type=float, default=None)
         ap.add_argument("--connections", type=int, default=16)
         args = ap.parse_args()
-        rounds = args.rounds or (2 if args.quick else 5)
-        seconds = args.seconds or (3 if args.quick else 8)
+        # short slices, many rounds: on a shared machine the load changes within seconds,
+        # and a round's ratios compare runs at most three slices apart
+        rounds = args.rounds or (2 if args.quick else 15)
+        seconds = args.seconds or (3 if args.quick else 2)
         if shutil.which("wrk") is None:
             raise SystemExit("wrk is needed (apt install wrk)")
         tmp = Path(tempfile.mkdtemp(prefix="bench_http_"))
@@ -204,14 +208,14 @@ end
                               "connections": args.connections, "variants": rows,
                               "ours_lease_vs_idemkit": vs_idemkit}, indent=2))
             return
-        print(f"bench_http (commit {C.git_describe()}): uvicorn 1 worker, wrk -t1 "
+        print(f"bench_http ({C.git_describe()}): uvicorn 1 worker, wrk -t1 "
               f"-c{args.connections}, {rounds} interleaved rounds of {seconds:g} s, "
               f"PostgreSQL {pg_version}, medians")
-        print(f"{'variant':34} {'requests/s':>10} {'p50 ms':>7} {'p99 ms':>7} "
+        print(f"{'variant':44} {'requests/s':>10} {'p50 ms':>7} {'p99 ms':>7} "
               f"{'vs bare':>8} {'range':>12} {'non-2xx':>7}")
         for row in rows:
             lo, hi = row["ratio_range"]
-            print(f"{row['name']:34} {row['rps']:>10,.0f} {row['p50_ms']:>7.2f} "
+            print(f"{row['name']:44} {row['rps']:>10,.0f} {row['p50_ms']:>7.2f} "
                   f"{row['p99_ms']:>7.2f} {row['ratio_vs_bare']:>8.2f} "
                   f"{lo:>5.2f}-{hi:<5.2f} {row['errors']:>7}")
         for name, (what, target) in TARGETS.items():
