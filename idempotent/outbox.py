@@ -255,7 +255,10 @@ class Outbox:
             "state": "pending", "publishes": 0, "failures": 0,
             "confirm_namespace": confirm[0] if confirm else None,
             "confirm_key": confirm[1] if confirm else None,
-            "created_at": now, "next_at": now + self.grace,
+            # an entry its consumer confirms needs no mark after its immediate publish: the
+            # relay first looks at it ``confirm_after`` later, and publishes it only if
+            # its record is not there (another publish: the first may have been lost)
+            "created_at": now, "next_at": now + (self.confirm_after if confirm else self.grace),
         }
         t = self.table
         if self._insert_or_nothing is not None:
@@ -345,7 +348,8 @@ class Outbox:
                 self._event("outbox_publish_failed", entry, error=type(exc).__name__)
                 continue
             published += 1
-            self._marker.put((item.id, item.confirm, None))
+            if not item.confirm:  # else: no write at all on the producer's path
+                self._marker.put((item.id, False, None))
             self._event("outbox_published", entry, attempt=1)
         return published
 
@@ -426,9 +430,10 @@ class Outbox:
         done: dict[tuple[str, int], list[str]] = {}  # (new state, publishes) -> ids
         with self.store.engine.begin() as conn:
             self._async_commit(conn)
-            for row in conn.execute(query).mappings().all():
-                entry = _entry(row)
-                if entry.state == "published" and self._confirmed(entry):
+            entries = [_entry(row) for row in conn.execute(query).mappings().all()]
+            arrived = self._confirmed(conn, [e for e in entries if e.confirm_key is not None])
+            for entry in entries:
+                if entry.id in arrived:
                     done.setdefault(("confirmed", 0), []).append(entry.id)
                     confirmed += 1
                     self._event("outbox_confirmed", entry)
@@ -480,10 +485,26 @@ class Outbox:
         base = self.confirm_after * 2 ** max(publishes - 1, 0)
         return min(base, self.backoff_max) * random.uniform(1.0, 1.1)
 
-    def _confirmed(self, entry: Entry) -> bool:
-        assert entry.confirm_namespace is not None and entry.confirm_key is not None
-        record = self.confirm_store.get(entry.confirm_namespace, entry.confirm_key)
-        return record is not None and record.state.value in ("completed", "failed")
+    def _confirmed(self, conn: sa.Connection, entries: list[Entry]) -> set[str]:
+        """The ids of ``entries`` whose consumer record exists (completed, or failed and
+        kept): one query when the records are in this database, else one read each."""
+        if not entries:
+            return set()
+        wanted = {(e.confirm_namespace, e.confirm_key): e.id for e in entries}
+        store = self.confirm_store
+        if store is self.store:
+            r = store.table
+            found = conn.execute(sa.select(r.c.namespace, r.c.key).where(
+                sa.tuple_(r.c.namespace, r.c.key).in_(list(wanted)),
+                r.c.state.in_(("completed", "failed"))))
+            return {wanted[(ns, key)] for ns, key in found}
+        arrived = set()
+        for (ns, key), id in wanted.items():
+            assert ns is not None and key is not None
+            record = store.get(ns, key)
+            if record is not None and record.state.value in ("completed", "failed"):
+                arrived.add(id)
+        return arrived
 
     def _event(self, kind: str, entry: Entry, *, attempt: int | None = None,
                error: str | None = None) -> None:
@@ -546,7 +567,8 @@ class _Staged:
 
 class _Marker:
     """The background thread that writes the marks of the immediate publishes in batches
-    (one transaction for up to 1,000, without waiting for the WAL flush). Started on first
+    (one transaction for what 50 ms of publishes gathered, up to 1,000, without waiting for
+    the WAL flush). Started on first
     use, again after a fork; a daemon, so a process that exits without `Outbox.close`
     only leaves marks unwritten: those entries are published once more by a relay."""
 
@@ -587,9 +609,10 @@ class _Marker:
                 return
             batch = [first]
             stop = False
+            linger = time.monotonic() + _LINGER  # gather what the next commits publish
             while len(batch) < 1000:
                 try:
-                    item = marks.get_nowait()
+                    item = marks.get(timeout=max(0.0, linger - time.monotonic()))
                 except queue.Empty:
                     break
                 if item is _STOP:
@@ -632,6 +655,8 @@ class _Marker:
 
 
 _STOP: Any = object()
+#: seconds the marker gathers marks before it writes a batch
+_LINGER = 0.05
 
 
 def _forget_staged(session: Session, previous_transaction: Any) -> None:

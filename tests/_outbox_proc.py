@@ -47,7 +47,7 @@ def main() -> None:
     mode, db_url = sys.argv[1], sys.argv[2]
     store = SqlStore(db_url)
     if mode == "produce-then-die":
-        outbox = Outbox(store, [DieBeforePublish(app)])
+        outbox = Outbox(store, [DieBeforePublish(app)], confirm_after=1)
         payment = json.loads(sys.argv[4])
         with Session(store.engine) as s, s.begin():
             s.execute(ORDERS.insert().values(payment_id=payment["payment_id"]))

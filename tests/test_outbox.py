@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from idempotent import IdempotencyKeyConflict, SqlStore, idempotent
 from idempotent.events import Event
-from idempotent.outbox import Entry, MessageNotSerializable, Outbox, UnknownPublisher
+from idempotent.outbox import Entry, MessageNotSerializable, Outbox, RelayReport, UnknownPublisher
 
 LEDGER = sa.Table("ledger", sa.MetaData(), sa.Column("payment_id", sa.String(64), primary_key=True),
                   sa.Column("cents", sa.Integer, nullable=False))
@@ -203,32 +203,39 @@ def test_confirmation_republish_and_unconfirmed_report(store: SqlStore) -> None:
     bounded number of times, then reported as unconfirmed and kept; one whose record
     appears is confirmed and never published again."""
     box, rec, clock, events = make(store, confirm_after=10, max_publishes=3)
+    clock.now = 2_000_000.0
     with Session(store.engine) as s, s.begin():
         box.stage(s, publisher="rec", target="t", body={}, id="lost", confirm=("pay", "k-lost"))
         box.stage(s, publisher="rec", target="t", body={}, id="ok", confirm=("pay", "k-ok"))
     assert rec.ids() == Counter({"lost": 1, "ok": 1})
-    assert rows(store) == {"lost": "published", "ok": "published"}
+    # published at once, and not marked: the relay's first look, confirm_after later,
+    # tells from the consumer's record whether it arrived
+    assert rows(store) == {"lost": "pending", "ok": "pending"}
     claimed = store.claim("pay", "k-ok", fingerprint=None)
     store.complete("pay", "k-ok", claimed.token, b"{}")  # type: ignore[union-attr]
 
-    clock.now += 10 * 1.1 + 1  # the first re-check
+    clock.now += 5
+    assert box.relay_once() == RelayReport()  # not due yet
+    clock.now += 10 * 1.1  # the first look
     report = box.relay_once()
-    assert (report.confirmed, report.republished) == (1, 1)
-    clock.now += 5  # backoff doubled: not due yet
-    assert box.relay_once().republished == 0
-    clock.now += 20 * 1.1
+    assert (report.confirmed, report.published) == (1, 1)
+    clock.now += 5  # 10 s after that publish at the earliest: not due yet
+    assert box.relay_once() == RelayReport()
+    clock.now += 6 * 1.1
     assert box.relay_once().republished == 1
-    clock.now += 40 * 1.1 + 1
+    clock.now += 20 * 1.1  # the backoff doubled
+    assert box.relay_once().republished == 1
+    clock.now += 40 * 1.1
     report = box.relay_once()
-    assert (report.republished, report.unconfirmed) == (0, 1)
-    assert rec.ids() == Counter({"lost": 3, "ok": 1})
+    assert (report.republished, report.unconfirmed) == (0, 1)  # 3 relay publishes: bound
+    assert rec.ids() == Counter({"lost": 4, "ok": 1})
     assert rows(store) == {"lost": "unconfirmed", "ok": "confirmed"}
     assert box.stats().counts == {"unconfirmed": 1, "confirmed": 1}
     clock.now += 10**6
-    assert box.relay_once() == type(report)()  # kept, never dropped, nothing more to do
+    assert box.relay_once() == RelayReport()  # kept, never dropped, nothing more to do
     assert box.purge(older_than=0) == 1 and rows(store) == {"lost": "unconfirmed"}
     kinds = Counter(e.kind for e in events)
-    assert kinds == {"outbox_published": 2, "outbox_confirmed": 1, "outbox_republished": 2,
+    assert kinds == {"outbox_published": 3, "outbox_confirmed": 1, "outbox_republished": 2,
                      "outbox_unconfirmed": 1}
 
 
