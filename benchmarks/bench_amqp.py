@@ -199,6 +199,10 @@ def main() -> None:
         f"round, {args.rounds} interleaved rounds, medians; ratio = msgs/s / msgs/s of the "
         "plain consumer in the same round",
         C.table(headers, rows),
+        "consumer CPU per message, relative to the plain consumer (steadier than msgs/s on a "
+        "shared machine): " + ", ".join(
+            f"{k} {r.cpu_per_op_us / res['plain pika'].cpu_per_op_us:.2f}"
+            for k, r in res.items()),
         f"ledger checked: {checked} rows, one per unique message",
         line,
     ])
