@@ -365,3 +365,47 @@ def test_lease_mode_handler_runs_once_per_key(db: tuple[sa.Engine, SqlStore],
     assert calls == Counter({p["payment_id"]: 1 for p in pays})
     assert events["duplicate"] == 40
     assert record_count(engine) == 40
+
+
+def test_hostile_input(db: tuple[sa.Engine, SqlStore]) -> None:
+    """A message id with a NUL, JSON nested 100,000 deep, a body that is a list, a header
+    count that is not a number: each a typed error and a dead letter, nothing recorded. Two
+    1,000-character message ids that differ in their last character are two keys (hashed,
+    not truncated)."""
+    engine, store = db
+
+    def apply(message: Message, *, connection: sa.Connection) -> Any:
+        return apply_payment(message, connection=connection)
+
+    by_id = Processor(apply, store, queue="q", namespace="amqp.hostile")
+    by_field = Processor(apply, store, queue="q", key="payment_id", namespace="amqp.hostile2")
+
+    def deliver(p: Processor, raw: bytes, message_id: str | None = "m",
+                headers: dict[str, Any] | None = None) -> Any:
+        return p.process(lambda: p.message(
+            raw, message_id=message_id, headers=headers, routing_key="q", exchange="",
+            redelivered=False, content_type=None, properties=None))
+
+    body = json.dumps({"payment_id": "pay-h", "cents": 1}).encode()
+    cases = {
+        "InvalidIdempotencyKey": deliver(by_id, body, message_id="a\x00b"),
+        "UndecodableMessage": deliver(by_id, b"[" * 100_000 + b"]" * 100_000),
+        "MissingIdempotencyKey": deliver(by_field, b'[{"payment_id": "pay-h"}]'),
+    }
+    for name, outcome in cases.items():
+        assert isinstance(outcome, DeadLetter), (name, outcome)
+        assert outcome.headers[ERROR_TYPE_HEADER] == name
+    assert record_count(engine) == 0 and rows(engine) == Counter()
+    # a header count that is not a number counts as none: the first delivery
+    odd = by_field.message(body, message_id=None, headers={FAILURES_HEADER: "lots"},
+                           routing_key="q", exchange="", redelivered=True, content_type=None,
+                           properties=None)
+    assert odd.deliveries == 1
+    long_a, long_b = "x" * 999 + "a", "x" * 999 + "b"
+    for mid in (long_a, long_b, long_a):
+        assert not isinstance(deliver(by_id, json.dumps(
+            {"payment_id": mid[-1], "cents": 2}).encode(), message_id=mid), DeadLetter)
+    assert rows(engine) == Counter({"a": 1, "b": 1})
+    with engine.connect() as c:
+        keys = c.execute(sa.text("SELECT key FROM idempotency_records")).scalars().all()
+    assert len(keys) == 2 and all(k.startswith("sha256:") for k in keys)
