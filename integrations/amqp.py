@@ -27,10 +27,12 @@ Per delivery (the same for pika, here, and aio-pika, `idempotent.integrations.ai
 * the **handler raised**: the message is published again (same body and properties, to the
   queue, with publisher confirms) with its failure count in the ``x-idempotent-failures``
   header, and the delivery acked; at the ``max_deliveries``-th delivery (that count, or a
-  quorum queue's ``x-delivery-count``, which also counts deliveries lost to crashes) it is
-  dead-lettered instead;
+  quorum queue's ``x-delivery-count``) it is dead-lettered instead; with
+  ``max_redeliveries``, a message a quorum queue has delivered that many times without it
+  being settled (its consumers crashed) is dead-lettered before it runs again;
 * **bad input** (`MissingIdempotencyKey`, `InvalidIdempotencyKey`, `UndecodableMessage`,
-  `MessageTooLarge`, `IdempotencyKeyConflict`, `PreviousAttemptFailed`) is dead-lettered
+  `MessageTooLarge`, `IdempotencyKeyConflict`, `PreviousAttemptFailed`,
+  `TooManyDeliveries`) is dead-lettered
   at once: no retry can fix it. Nothing is recorded done for it.
 
 Dead-lettering publishes the message (body and properties as received) to
@@ -90,6 +92,7 @@ __all__ = [
     "Processor",
     "Republish",
     "Requeue",
+    "TooManyDeliveries",
     "UndecodableMessage",
     "json_body",
 ]
@@ -127,10 +130,22 @@ class MessageTooLarge(IdempotencyError, ValueError):
         self.size = size
 
 
+class TooManyDeliveries(IdempotencyError):
+    """A quorum queue has delivered the message ``max_redeliveries`` times or more
+    (``x-delivery-count``) without it being settled: each consumer that got it died or lost
+    its channel before acking (a message that crashes its consumer, OOM). Dead-lettered
+    without running the handler; ``deliveries`` is the broker's count."""
+
+    def __init__(self, message: str, *, deliveries: int | None = None,
+                 namespace: str | None = None, key: str | None = None) -> None:
+        super().__init__(message, namespace=namespace, key=key)
+        self.deliveries = deliveries
+
+
 #: Errors no redelivery can fix: dead-lettered at once.
 BAD_INPUT: tuple[type[BaseException], ...] = (
     MissingIdempotencyKey, InvalidIdempotencyKey, UndecodableMessage, MessageTooLarge,
-    IdempotencyKeyConflict, PreviousAttemptFailed,
+    IdempotencyKeyConflict, PreviousAttemptFailed, TooManyDeliveries,
 )
 #: Faults of the store or of another delivery holding the key: nacked with requeue.
 STORE_FAULTS: tuple[type[BaseException], ...] = (StoreUnavailable, AlreadyInProgress, LeaseLost)
@@ -224,6 +239,10 @@ class Processor:
     * ``decode(raw, content_type)``: the body decoder (default `json_body`);
     * ``max_body``: longest body in bytes (default 1 MiB), longer → `MessageTooLarge`;
     * ``max_deliveries``: the delivery at which a failing message is dead-lettered;
+    * ``max_redeliveries``: None, or the quorum-queue ``x-delivery-count`` at which a message
+      is dead-lettered before its handler runs (`TooManyDeliveries`): a crash loop. That
+      count also grows with every requeue after a store fault and with every return of a
+      prefetched message when a consumer dies, so keep it well above both;
     * ``retry_delay``: seconds before a requeue or republish (doubled per failure, with
       jitter, at most 30 s);
     * other keyword arguments go to `idempotent.idempotent` (``namespace``, ``scope``,
@@ -241,6 +260,7 @@ class Processor:
         decode: Callable[[bytes, str | None], Any] = json_body,
         max_body: int = DEFAULT_MAX_BODY,
         max_deliveries: int = 5,
+        max_redeliveries: int | None = None,
         retry_delay: float = 1.0,
         **options: Any,
     ) -> None:
@@ -250,6 +270,7 @@ class Processor:
         self.decode = decode
         self.max_body = max_body
         self.max_deliveries = max_deliveries
+        self.max_redeliveries = max_redeliveries
         self.retry_delay = retry_delay
         self.is_async = asyncio.iscoroutinefunction(handler)
         self.handler = idempotent(store, key=_key_of(key), fingerprint=_fingerprint_of(fingerprint),
@@ -264,6 +285,13 @@ class Processor:
         headers = dict(headers or {})
         deliveries = max(_count(headers.get(FAILURES_HEADER)),
                          _count(headers.get(DELIVERY_COUNT))) + 1
+        redeliveries = _count(headers.get(DELIVERY_COUNT))
+        if self.max_redeliveries is not None and redeliveries >= self.max_redeliveries:
+            raise TooManyDeliveries(
+                f"{self.namespace}: delivered {redeliveries} times before without being "
+                "settled (each consumer died or lost its channel first); dead-lettered "
+                "without running the handler", deliveries=redeliveries,
+                namespace=self.namespace)
         if len(raw) > self.max_body:
             raise MessageTooLarge(
                 f"{self.namespace}: a body of {len(raw)} bytes, more than max_body="
@@ -306,6 +334,8 @@ class Processor:
     def outcome(self, exc: BaseException, message: Message | None) -> Outcome:
         """What an exception of a delivery means for its message."""
         deliveries = message.deliveries if message is not None else 1
+        if isinstance(exc, TooManyDeliveries) and exc.deliveries is not None:
+            deliveries = exc.deliveries + 1
         if isinstance(exc, ResultNotStored):  # the handler ran once: done
             logger.warning("%s", exc)
             return Ack(None)

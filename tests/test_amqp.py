@@ -32,6 +32,7 @@ from idempotent.integrations.amqp import (
     ERROR_TYPE_HEADER,
     FAILURES_HEADER,
     QUEUE_HEADER,
+    Ack,
     Consumer,
     DeadLetter,
     Message,
@@ -275,6 +276,20 @@ def test_outcomes_of_the_processor(db: tuple[sa.Engine, SqlStore]) -> None:
     assert isinstance(p.outcome(StoreUnavailable("down"), None), Requeue)
     with pytest.raises(ValueError):
         Processor(fails, store, queue="q", max_deliveries=0)
+    # a crash loop on a quorum queue: at max_redeliveries the handler does not run again
+    ran: list[int] = []
+    crashy = Processor(lambda m: ran.append(m.deliveries), store, queue="q",
+                       max_redeliveries=4, namespace="amqp.crashy", lease=5)
+
+    def counted(n: int) -> Any:
+        return lambda: crashy.message(b"{}", message_id=f"c-{n}", headers={
+            "x-delivery-count": n}, routing_key="q", exchange="", redelivered=True,
+            content_type=None, properties=None)
+    assert isinstance(crashy.process(counted(3)), Ack) and ran == [4]
+    looped = crashy.process(counted(4))
+    assert isinstance(looped, DeadLetter) and ran == [4]
+    assert looped.headers[ERROR_TYPE_HEADER] == "TooManyDeliveries"
+    assert looped.headers[DELIVERIES_HEADER] == 5
 
 
 def test_consumer_timeout_redelivery_is_a_duplicate(db: tuple[sa.Engine, SqlStore],
