@@ -263,7 +263,7 @@ class _Loop:
         self.owned: dict[tuple[str, int], list[int]] = {}
         self.attempts: dict[tuple[str, int, int], int] = {}
         self.dead_lettered = 0
-        self._pending: BaseException | None = None
+        self._pending: Exception | None = None
         self.consumer = confluent_kafka.Consumer(conf)
         self.consumer.subscribe(self.topics, on_assign=self._on_assign,
                                 on_revoke=self._on_revoke, on_lost=self._on_revoke)
@@ -272,7 +272,7 @@ class _Loop:
     def _on_assign(self, consumer: Any, partitions: list[Any]) -> None:
         try:
             placed = self._positions_for(partitions) if partitions else []
-        except BaseException as exc:
+        except Exception as exc:  # raised from poll_batch, after consume() returned
             self._pending = exc
             placed = []
         if self.cooperative:
