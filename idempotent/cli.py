@@ -3,7 +3,8 @@
 Each subcommand is one ``_add_<name>`` function that declares its arguments and sets
 ``run`` to a function ``(args) -> exit code``. The demo's module is imported only when it
 runs; the operations commands (``db``, ``inspect``, ``purge``, ``stats``) live in
-`idempotent._ops`, which imports SQLAlchemy and Alembic only inside the commands.
+`idempotent._ops`, which imports SQLAlchemy and Alembic only inside the commands;
+``relay`` (the outbox's) in `idempotent._relay`.
 """
 
 from __future__ import annotations
@@ -192,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inspect(sub)
     _add_purge(sub)
     _add_stats(sub)
+    from . import _relay
+
+    _relay.add_parser(sub)
     return parser
 
 
