@@ -23,6 +23,11 @@ medians over rounds (the ratio of each round's pair, seconds apart); p50/p99 lat
 wrk, medians over rounds.
 Requests that were not 2xx are counted and reported (they would void a figure).
 
+Then, in this process, each middleware alone (ours in lease mode, idemkit, and none) in
+front of a trivial ASGI app on the same redis-server: sequential first-time requests,
+interleaved rounds, wall and CPU µs per request: what the layer itself adds, without the
+server, the endpoint and the load generator that dominate the end-to-end figures.
+
 Run: ``.venv/bin/python benchmarks/bench_http.py [--quick] [--rounds R] [--seconds S]
 [--connections C] [--json]``
 """
@@ -87,13 +92,17 @@ if os.environ.get("BENCH_VARIANT"):  # imported by uvicorn: the app of one varia
 
 else:
     import argparse
+    import asyncio
+    import itertools
     import json
     import shutil
     import statistics
     import subprocess
     import sys
     import tempfile
+    import time
     from pathlib import Path
+    from typing import Any
 
     import _common as C  # sets up sys.path first
     from _servers import RedisServer
@@ -183,10 +192,69 @@ end
                 for server in servers.values():
                     server.stop()
                 shutil.rmtree(tmp, ignore_errors=True)
-        report(args, runs, rounds, seconds, str(version[0] if version else "?"))
+            alone = asyncio.run(middleware_alone(redis_server.url_for(1), 3 if args.quick else 7,
+                                                 300 if args.quick else 2000))
+        report(args, runs, rounds, seconds, str(version[0] if version else "?"), alone)
+
+    async def middleware_alone(url: str, rounds: int, n: int) -> dict[str, dict[str, float]]:
+        """Each middleware alone, in this process: ``n`` sequential first-time requests
+        through it to a trivial ASGI app, on the same redis-server; interleaved rounds.
+        Wall and CPU µs per request, medians; what the layer itself costs."""
+        from idemkit import HttpConfig
+        from idemkit import IdempotencyMiddleware as IdemkitMiddleware
+        from idemkit.backends.redis import RedisBackend
+        from idempotent.integrations.asgi import IdempotencyMiddleware
+
+        from idempotent import RedisStore
+
+        async def inner(scope: Any, receive: Any, send: Any) -> None:
+            await receive()
+            await send({"type": "http.response.start", "status": 201,
+                        "headers": [(b"content-type", b"application/json")]})
+            await send({"type": "http.response.body", "body": b'{"status":"paid"}'})
+
+        ours_store = RedisStore(url, use_asyncio=True)
+        backend = RedisBackend.from_url(url)
+        apps = {"none": inner, "ours, lease, Redis": IdempotencyMiddleware(inner, ours_store),
+                "idemkit, Redis": IdemkitMiddleware(inner, backend=backend, config=HttpConfig(
+                    require_key_for_mutations=True, lease_ttl_seconds=30,
+                    scope_mode="single_tenant"))}
+        counter = itertools.count()
+        body = b'{"account":"acct-1","cents":100}'
+
+        async def drive(app: Any, count: int) -> tuple[float, float]:
+            async def receive() -> dict[str, Any]:
+                return {"type": "http.request", "body": body, "more_body": False}
+
+            async def send(message: Any) -> None:
+                pass
+
+            wall, cpu = time.perf_counter(), time.process_time()
+            for _ in range(count):
+                scope = {"type": "http", "method": "POST", "path": "/pay", "query_string": b"",
+                         "headers": [(b"idempotency-key", f"k{next(counter)}".encode()),
+                                     (b"content-type", b"application/json")]}
+                await app(scope, receive, send)
+            return ((time.perf_counter() - wall) / count * 1e6,
+                    (time.process_time() - cpu) / count * 1e6)
+
+        out: dict[str, list[tuple[float, float]]] = {name: [] for name in apps}
+        try:
+            for app in apps.values():
+                await drive(app, 100)
+            names = list(apps)
+            for r in range(rounds):
+                for name in names[r % 3:] + names[:r % 3]:
+                    out[name].append(await drive(apps[name], n))
+        finally:
+            await ours_store.aclose()
+            await backend.aclose()
+        return {name: {"wall_us": statistics.median(w for w, _ in v),
+                       "cpu_us": statistics.median(c for _, c in v)} for name, v in out.items()}
 
     def report(args: argparse.Namespace, runs: dict[str, list[dict[str, float]]],
-               rounds: int, seconds: float, pg_version: str) -> None:
+               rounds: int, seconds: float, pg_version: str,
+               alone: dict[str, dict[str, float]]) -> None:
         def med(name: str, field: str) -> float:
             return statistics.median(r[field] for r in runs[name])
 
@@ -206,7 +274,8 @@ end
             print(json.dumps({"benchmark": "bench_http", "commit": C.git_describe(),
                               "postgres": pg_version, "rounds": rounds, "seconds": seconds,
                               "connections": args.connections, "variants": rows,
-                              "ours_lease_vs_idemkit": vs_idemkit}, indent=2))
+                              "ours_lease_vs_idemkit": vs_idemkit,
+                              "middleware_alone": alone}, indent=2))
             return
         print(f"bench_http ({C.git_describe()}): uvicorn 1 worker, wrk -t1 "
               f"-c{args.connections}, {rounds} interleaved rounds of {seconds:g} s, "
@@ -224,6 +293,17 @@ end
                   f"{'MET' if got >= target else 'MISSED'}")
         print(f"target ours, lease, Redis vs idemkit, Redis >= 1.2: measured {vs_idemkit:.2f}"
               f" -> {'MET' if vs_idemkit >= 1.2 else 'MISSED'}")
+        print("\nthe middleware alone, in-process, sequential first-time requests to a trivial "
+              "app on the same redis-server (medians):")
+        print(f"{'middleware':24} {'wall µs/req':>11} {'CPU µs/req':>10}")
+        for name, m in alone.items():
+            print(f"{name:24} {m['wall_us']:>11.0f} {m['cpu_us']:>10.0f}")
+        ours, theirs, none = (alone["ours, lease, Redis"], alone["idemkit, Redis"],
+                              alone["none"])
+        added = {k: (ours[k] - none[k], theirs[k] - none[k]) for k in ("wall_us", "cpu_us")}
+        print(f"added per request, ours vs idemkit: wall {added['wall_us'][0]:.0f} vs "
+              f"{added['wall_us'][1]:.0f} µs, CPU {added['cpu_us'][0]:.0f} vs "
+              f"{added['cpu_us'][1]:.0f} µs")
 
     if __name__ == "__main__":
         sys.exit(main())
