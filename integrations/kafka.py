@@ -144,7 +144,8 @@ _NOT_THE_MESSAGE = (AlreadyInProgress, LeaseLost, StoreUnavailable)
 # -- messages and keys --------------------------------------------------------------------
 @dataclass(slots=True)
 class Message:
-    """One consumed message: its coordinates, raw key, decoded value and headers."""
+    """One consumed message: its coordinates, raw key, value (decoded by ``decode=``;
+    the bytes without it), headers and the value's bytes as received."""
 
     topic: str
     partition: int
@@ -304,7 +305,7 @@ class _Loop:
         if self._pending is not None:
             exc, self._pending = self._pending, None
             raise exc
-        batch: list[Any] = []
+        batch: list[Message] = []
         for m in raw:
             err = m.error()
             if err is not None:  # an event, not a message: librdkafka retries what it can
@@ -313,11 +314,14 @@ class _Loop:
                 if err.code() != KafkaError._PARTITION_EOF:
                     _LOG.warning("consumer %s: %s", self.group, err)
                 continue
-            owned = self.owned.get((m.topic(), m.partition()))
+            topic, partition, offset = m.topic(), m.partition(), m.offset()
+            owned = self.owned.get((topic, partition))
             # a message of a partition given up in this consume(), or one already applied
-            if owned is None or m.offset() < owned[0]:
+            if owned is None or offset < owned[0]:
                 continue
-            batch.append(m)
+            value = m.value()
+            batch.append(Message(topic, partition, offset, m.key(), value,
+                                 tuple(m.headers() or ()), value))
         if batch:
             self._process(batch)
         return len(raw)
@@ -327,44 +331,41 @@ class _Loop:
         while not stop():
             self.poll_batch()
 
-    def _message(self, m: Any) -> Message:
-        raw = m.value()
-        value = raw
+    def _decoded(self, m: Message) -> Message:
+        """``m`` with ``value`` decoded from ``raw_value`` (`UndecodableMessage`)."""
         if self.decode is not None:
             try:
-                value = self.decode(raw)
+                m.value = self.decode(m.raw_value)
             except Exception as exc:
                 raise UndecodableMessage(
-                    f"{m.topic()}[{m.partition()}]@{m.offset()}: decode failed: "
+                    f"{m.topic}[{m.partition}]@{m.offset}: decode failed: "
                     f"{type(exc).__name__}: {exc}",
-                    topic=m.topic(), partition=m.partition(), offset=m.offset()) from exc
-        return Message(m.topic(), m.partition(), m.offset(), m.key(), value,
-                       tuple(m.headers() or ()), raw)
+                    topic=m.topic, partition=m.partition, offset=m.offset) from exc
+        return m
 
-    def _process(self, raw: list[Any]) -> None:
+    def _process(self, batch: list[Message]) -> None:
         try:
-            batch = [self._message(m) for m in raw]
-            self._retried(self._apply, batch)
+            self._retried(self._apply, [self._decoded(m) for m in batch])
             return
         except (PositionFenced, StoreUnavailable):
             raise
         except Exception as exc:
-            if len(raw) == 1:
-                self._one(raw[0], exc)
+            if len(batch) == 1:
+                self._one(batch[0], exc)
                 return
-        for m in raw:  # find the poison: one message per transaction, in order
+        for m in batch:  # find the poison: one message per transaction, in order
             self._one(m, None)
 
-    def _one(self, raw: Any, failed: Exception | None) -> None:
+    def _one(self, m: Message, failed: Exception | None) -> None:
         """Apply one message, up to ``max_attempts`` times; then dead-letter it."""
-        coords = (raw.topic(), raw.partition(), raw.offset())
-        owned = self.owned.get(coords[:2])
-        if owned is None or coords[2] < owned[0]:
+        coords = (m.topic, m.partition, m.offset)
+        owned = self.owned.get((m.topic, m.partition))
+        if owned is None or m.offset < owned[0]:
             return  # given up or applied meanwhile
         while True:
             if failed is None:
                 try:
-                    self._retried(self._apply, [self._message(raw)])
+                    self._retried(self._apply, [self._decoded(m)])
                     self.attempts.pop(coords, None)
                     return
                 except (PositionFenced, StoreUnavailable):
@@ -379,14 +380,10 @@ class _Loop:
             failed = None
         if self.dead_letter_topic is None:
             raise failed
-        self._dead_letter(raw, failed, n)
+        self._dead_letter(m, failed, n)
         self.attempts.pop(coords, None)
-        self._retried(self._skip, self._bare(raw))
+        self._retried(self._skip, m)
         self.dead_lettered += 1
-
-    def _bare(self, raw: Any) -> Message:
-        return Message(raw.topic(), raw.partition(), raw.offset(), raw.key(), None,
-                       tuple(raw.headers() or ()), raw.value())
 
     def _retried(self, fn: Callable[[Any], None], arg: Any) -> None:
         """``fn(arg)`` under the retry policy; a fault that is not the message's, when the
@@ -404,33 +401,34 @@ class _Loop:
                                        cause=exc) from exc
             raise
 
-    def _dead_letter(self, raw: Any, exc: BaseException, attempts: int) -> None:
-        """Publish ``raw`` to the dead-letter topic, its error in the headers, and wait for
-        the broker's acknowledgement (a failure raises: the partition does not move)."""
+    def _dead_letter(self, m: Message, exc: BaseException, attempts: int) -> None:
+        """Publish ``m`` (its raw value, key and headers) to the dead-letter topic, its error
+        in the headers, and wait for the broker's acknowledgement (a failure raises: the
+        partition does not move)."""
         if self._producer is None:
             self._producer = confluent_kafka.Producer({"acks": "all", **self._producer_conf})
         outcome: list[Any] = []
-        headers = [
-            *(raw.headers() or ()),
+        headers: list[tuple[str, str | bytes | None]] = [
+            *m.headers,
             ("idempotent-error", f"{type(exc).__name__}: {exc}"[:4000].encode()),
             ("idempotent-error-type", f"{type(exc).__module__}.{type(exc).__qualname__}"
              .encode()),
             ("idempotent-attempts", str(attempts).encode()),
             ("idempotent-group", self.group.encode()),
-            ("idempotent-topic", raw.topic().encode()),
-            ("idempotent-partition", str(raw.partition()).encode()),
-            ("idempotent-offset", str(raw.offset()).encode()),
+            ("idempotent-topic", m.topic.encode()),
+            ("idempotent-partition", str(m.partition).encode()),
+            ("idempotent-offset", str(m.offset).encode()),
         ]
         assert self.dead_letter_topic is not None
-        self._producer.produce(self.dead_letter_topic, value=raw.value(), key=raw.key(),
-                               headers=headers, on_delivery=lambda e, m: outcome.append(e))
+        self._producer.produce(self.dead_letter_topic, value=m.raw_value, key=m.key,
+                               headers=headers, on_delivery=lambda e, _m: outcome.append(e))
         deadline = time.monotonic() + 30
         while not outcome and time.monotonic() < deadline:
             self._producer.flush(1.0)
         if not outcome or outcome[0] is not None:
             raise KafkaException(outcome[0] if outcome else KafkaError(KafkaError._TIMED_OUT))
-        _LOG.error("%s[%d]@%d dead-lettered to %s after %d attempt(s): %r", raw.topic(),
-                   raw.partition(), raw.offset(), self.dead_letter_topic, attempts, exc)
+        _LOG.error("%s[%d]@%d dead-lettered to %s after %d attempt(s): %r", m.topic,
+                   m.partition, m.offset, self.dead_letter_topic, attempts, exc)
 
     def close(self) -> None:
         """Leave the group and close the Kafka clients."""
