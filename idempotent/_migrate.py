@@ -86,7 +86,9 @@ def upgrade(engine: sa.Engine, revision: str = "heads") -> Migration:
 
     On a database that never ran the history but holds the records table already (from
     ``SqlStore.create_schema()``), the table is adopted: if it matches the model, the
-    newest revision is stamped (nothing is created); if not, `SchemaMismatch`."""
+    first revision is stamped (the records table is not touched) and the later ones run,
+    creating what the database lacks and keeping what create_schema() made; if it does
+    not match, `SchemaMismatch`."""
     from alembic import command
 
     before = current(engine)
@@ -111,6 +113,10 @@ def stamp(engine: sa.Engine, revision: str = "heads") -> Migration:
     return Migration(before, current(engine))
 
 
+#: The revision that creates the records table (unchanged by the later ones).
+FIRST_REVISION = "idempotent_0001"
+
+
 def records_table_name() -> str:
     """The table the history creates (the default `SqlStore` table)."""
     from .stores._sql_schema import DEFAULT_TABLE
@@ -128,8 +134,11 @@ def differences(conn: sa.Connection) -> list[str]:
     from alembic.autogenerate import compare_metadata
     from alembic.runtime.migration import MigrationContext
 
+    from .stores import _sql_schema
+
     name = records_table_name()
-    model = _migrations().target_metadata()
+    model = _sql_schema.new_metadata()  # the records table alone: the others come later
+    _sql_schema.records_table(model)
 
     def only_ours(obj_name: str | None, type_: str, parent: Any) -> bool:
         return type_ != "table" or obj_name == name
@@ -194,7 +203,11 @@ def _adopt(conn: sa.Connection, revision: str) -> None:
             f"({', '.join(sorted(newest))}), not {revision}: run `idempotent db upgrade` "
             f"without a revision, or `idempotent db stamp {revision}` if the table is that "
             "revision's")
-    command.stamp(cfg, "heads")
+    # The records table is the first revision's (unchanged since): record that one, then
+    # run the later revisions, which create the tables a create_schema() of an older
+    # version lacked and keep those it made.
+    command.stamp(cfg, FIRST_REVISION)
+    command.upgrade(cfg, "heads")
 
 
 def downgrade(engine: sa.Engine, revision: str) -> Migration:

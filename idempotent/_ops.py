@@ -285,8 +285,10 @@ def run_db(args: argparse.Namespace, opened: list[Store]) -> int:
     verb = {"upgrade": "upgraded", "downgrade": "downgraded", "stamp": "stamped"}[args.action]
     if done.adopted:
         text = (f"{shown}: adopted the existing table {_migrate.records_table_name()} "
-                f"(it matches the model; nothing was created): stamped "
-                f"{_revs(done.before)} -> {_revs(done.after)}")
+                f"(it matches the model; it was not touched): stamped "
+                f"{_migrate.FIRST_REVISION}, then upgraded to {_revs(done.after)} (the "
+                f"tables a create_schema() of an older version lacked are created, those "
+                f"it made are kept)")
     elif done.before == done.after:
         text = f"{shown}: already at {_revs(done.after)}; nothing to do"
     else:

@@ -182,14 +182,7 @@ class Outbox:
             if not value >= 0 or value == float("inf"):
                 raise ValueError(f"{name} must be a finite number of seconds >= 0")
         self.store = store
-        table = getattr(store, "outbox", None)
-        if table is None:  # TODO(integration): SqlStore.__init__ defines it, migration 0003
-            from .stores import _sql_schema
-
-            table = store.metadata.tables.get(_sql_schema.DEFAULT_OUTBOX_TABLE)
-            if table is None:
-                table = _sql_schema.outbox_table(store.metadata)
-        self.table: sa.Table = table
+        self.table: sa.Table = store.outbox
         self.publishers: dict[str, Publisher] = {p.name: p for p in publishers}
         self.confirm_store: Store = confirm_store if confirm_store is not None else store
         self.grace, self.confirm_after, self.backoff_max = grace, confirm_after, backoff_max

@@ -29,11 +29,14 @@ VERSION_LOCATION = str(Path(__file__).resolve().parent / "versions")
 
 
 def target_metadata(schema: str | None = None) -> sa.MetaData:
-    """The model the migrations build: the records table as `SqlStore` defines it."""
+    """The model the migrations build: the tables as `SqlStore` defines them (records,
+    Kafka positions, outbox)."""
     from ..stores import _sql_schema
 
     metadata = _sql_schema.new_metadata(schema)
     _sql_schema.records_table(metadata)
+    _sql_schema.positions_table(metadata)
+    _sql_schema.outbox_table(metadata)
     return metadata
 
 
@@ -42,9 +45,9 @@ def include_object(
 ) -> bool:
     """For an application's ``context.configure(include_object=...)``: keeps Alembic's
     autogenerate from proposing to drop idempotent's tables, which its models lack."""
-    from ..stores._sql_schema import DEFAULT_POSITIONS_TABLE, DEFAULT_TABLE
+    from ..stores._sql_schema import DEFAULT_OUTBOX_TABLE, DEFAULT_POSITIONS_TABLE, DEFAULT_TABLE
 
-    ours = (DEFAULT_TABLE, DEFAULT_POSITIONS_TABLE, VERSION_TABLE)
+    ours = (DEFAULT_TABLE, DEFAULT_POSITIONS_TABLE, DEFAULT_OUTBOX_TABLE, VERSION_TABLE)
     if type_ == "table":
         return name not in ours
     table = getattr(obj, "table", None)

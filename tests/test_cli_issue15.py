@@ -28,6 +28,8 @@ from idempotent.cli import main
 
 LONG_NS = "orders." + "n" * MAX_KEY_LENGTH  # over the column: the decorator hashes it
 
+HEAD = "idempotent_0003"  # the newest revision
+
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     code = main(list(argv))
@@ -199,15 +201,15 @@ def test_upgrade_adopts_a_matching_create_schema_table(
         code, out, err = run(capsys, "db", "upgrade", "--url", sql_url)
         assert (code, err) == (0, ""), (out, err)
         assert "adopted the existing table idempotency_records" in out
-        assert "stamped (none) -> idempotent_0001" in out
-        assert _versions(store.engine) == ("idempotent_0001",)
+        assert f"stamped idempotent_0001, then upgraded to {HEAD}" in out
+        assert _versions(store.engine) == (HEAD,)
         record = store.get("ns", "k")  # the data is untouched
         assert record is not None and record.result == b"1"
         # now an ordinary migrated database
         code, out, _ = run(capsys, "db", "upgrade", "--url", sql_url)
-        assert code == 0 and out.endswith("already at idempotent_0001; nothing to do\n")
+        assert code == 0 and out.endswith(f"already at {HEAD}; nothing to do\n")
         doc = run_json(capsys, "db", "current", "--url", sql_url)
-        assert doc["current"] == ["idempotent_0001"]
+        assert doc["current"] == [HEAD]
     finally:
         store.engine.dispose()
 
@@ -217,7 +219,7 @@ def test_upgrade_adopt_in_json(sql_url: str, capsys: pytest.CaptureFixture[str])
     store.create_schema()
     store.engine.dispose()
     doc = run_json(capsys, "db", "upgrade", "--url", sql_url)
-    assert (doc["before"], doc["after"], doc["adopted"]) == ([], ["idempotent_0001"], True)
+    assert (doc["before"], doc["after"], doc["adopted"]) == ([], [HEAD], True)
 
 
 def test_upgrade_refuses_a_table_that_differs(sql_url: str,
@@ -252,11 +254,11 @@ def test_db_stamp_records_without_running(sql_url: str,
     try:
         code, out, err = run(capsys, "db", "stamp", "--url", sql_url)
         assert (code, err) == (0, "")
-        assert out.endswith(": stamped (none) -> idempotent_0001\n")
-        assert _versions(engine) == ("idempotent_0001",)
+        assert out.endswith(f": stamped (none) -> {HEAD}\n")
+        assert _versions(engine) == (HEAD,)
         assert "idempotency_records" not in sa.inspect(engine).get_table_names()
         doc = run_json(capsys, "db", "stamp", "base", "--url", sql_url)
-        assert (doc["before"], doc["after"]) == (["idempotent_0001"], [])
+        assert (doc["before"], doc["after"]) == ([HEAD], [])
         code, _, err = run(capsys, "db", "stamp", "nope", "--url", sql_url)
         assert code == 2 and "Can't locate revision identified by 'nope'" in err
     finally:
@@ -272,6 +274,7 @@ def test_db_stamp_then_upgrade_on_a_create_schema_table(
     try:
         assert run(capsys, "db", "stamp", "idempotent_0001", "--url", sql_url)[0] == 0
         code, out, _ = run(capsys, "db", "upgrade", "--url", sql_url)
-        assert code == 0 and out.endswith("already at idempotent_0001; nothing to do\n")
+        # the later revisions keep the tables create_schema() made
+        assert code == 0 and out.endswith(f"upgraded idempotent_0001 -> {HEAD}\n")
     finally:
         store.engine.dispose()

@@ -19,6 +19,8 @@ from idempotent import Claimed, SqlStore, State, _migrate, idempotent
 from idempotent._keys import MAX_KEY_LENGTH
 from idempotent.cli import main
 
+HEAD = "idempotent_0003"  # the newest revision
+
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     code = main(list(argv))
@@ -58,15 +60,15 @@ def store(sql_url: str) -> Any:
 def test_db_upgrade_current_downgrade(sql_url: str, capsys: pytest.CaptureFixture[str]) -> None:
     """The db commands report the revisions before and after, in text and JSON."""
     code, out, _ = run(capsys, "db", "current", "--url", sql_url)
-    assert code == 0 and out.endswith(": (none) (head is idempotent_0001)\n")
+    assert code == 0 and out.endswith(f": (none) (head is {HEAD})\n")
     code, out, _ = run(capsys, "db", "upgrade", "--url", sql_url)
-    assert code == 0 and out.endswith(": upgraded (none) -> idempotent_0001\n")
+    assert code == 0 and out.endswith(f": upgraded (none) -> {HEAD}\n")
     doc = run_json(capsys, "db", "upgrade", "--url", sql_url)
     assert (doc["before"], doc["after"], doc["head"]) == (
-        ["idempotent_0001"], ["idempotent_0001"], ["idempotent_0001"])
-    assert run_json(capsys, "db", "current", "--url", sql_url)["current"] == ["idempotent_0001"]
+        [HEAD], [HEAD], [HEAD])
+    assert run_json(capsys, "db", "current", "--url", sql_url)["current"] == [HEAD]
     code, out, _ = run(capsys, "db", "downgrade", "base", "--url", sql_url)
-    assert code == 0 and out.endswith(": downgraded idempotent_0001 -> (none)\n")
+    assert code == 0 and out.endswith(f": downgraded {HEAD} -> (none)\n")
     assert "password" not in out and "secret" not in out
 
 
@@ -279,7 +281,7 @@ def test_an_async_driver_url_is_used_through_its_sync_twin(
         url = url.set(drivername="postgresql+psycopg_async")
     text = url.render_as_string(hide_password=False)
     assert run_json(capsys, "stats", "--url", text)["total"] == 8
-    assert run_json(capsys, "db", "current", "--url", text)["current"] == ["idempotent_0001"]
+    assert run_json(capsys, "db", "current", "--url", text)["current"] == [HEAD]
 
 
 def test_a_table_of_another_name(sql_url: str, capsys: pytest.CaptureFixture[str]) -> None:

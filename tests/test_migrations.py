@@ -18,7 +18,8 @@ from idempotent import SqlStore, _migrate
 
 RECORDS = "idempotency_records"
 POSITIONS = "idempotency_positions"
-HEAD = "idempotent_0002"
+HEAD = "idempotent_0003"
+OUTBOX = "idempotency_outbox"
 
 
 def schema_of(engine: sa.Engine) -> dict[str, Any]:
@@ -83,7 +84,8 @@ def test_migrated_schema_equals_create_schema(sql_url: str, tmp_path: Path) -> N
     try:
         SqlStore(modelled).create_schema()
         expected = schema_of(modelled)
-        assert list(expected) == [POSITIONS, RECORDS]
+        assert list(expected) == [OUTBOX, POSITIONS, RECORDS]
+        assert [i[0] for i in expected[OUTBOX]["indexes"]] == [f"ix_{OUTBOX}_next_at"]
         assert expected[POSITIONS]["pk"]["constrained_columns"] == [
             "consumer_group", "topic", "partition"]
         assert expected[RECORDS]["checks"], "the inspector should see the state check"
@@ -100,16 +102,20 @@ def test_upgrade_downgrade_upgrade(sql_url: str) -> None:
     try:
         _migrate.upgrade(engine)
         once = schema_of(engine)
-        # one step down removes the positions table alone
-        one = _migrate.downgrade(engine, "idempotent_0001")
-        assert one == _migrate.Migration((HEAD,), ("idempotent_0001",))
+        # one step down removes the outbox table alone, the next the positions table
+        one = _migrate.downgrade(engine, "idempotent_0002")
+        assert one == _migrate.Migration((HEAD,), ("idempotent_0002",))
         tables = set(sa.inspect(engine).get_table_names())
-        assert RECORDS in tables and POSITIONS not in tables
+        assert {RECORDS, POSITIONS} <= tables and OUTBOX not in tables
+        two = _migrate.downgrade(engine, "idempotent_0001")
+        assert two == _migrate.Migration(("idempotent_0002",), ("idempotent_0001",))
+        tables = set(sa.inspect(engine).get_table_names())
+        assert RECORDS in tables and not {POSITIONS, OUTBOX} & tables
         _migrate.upgrade(engine)
         assert schema_of(engine) == once
         down = _migrate.downgrade(engine, "base")
         assert down == _migrate.Migration((HEAD,), ())
-        assert not {RECORDS, POSITIONS} & set(sa.inspect(engine).get_table_names())
+        assert not {RECORDS, POSITIONS, OUTBOX} & set(sa.inspect(engine).get_table_names())
         assert _migrate.current(engine) == ()
         _migrate.upgrade(engine)
         assert schema_of(engine) == once
@@ -180,7 +186,8 @@ def test_inside_the_apps_version_locations(sql_url: str, tmp_path: Path) -> None
     engine = sa.create_engine(sql_url, poolclass=sa.NullPool)
     try:
         command.upgrade(cfg, "heads")
-        assert {"orders", RECORDS, POSITIONS} <= set(sa.inspect(engine).get_table_names())
+        assert {"orders", RECORDS, POSITIONS, OUTBOX} <= set(
+            sa.inspect(engine).get_table_names())
         assert _versions(engine, "alembic_version") == {"a1", HEAD}
         assert VERSION_TABLE not in sa.inspect(engine).get_table_names()
 
@@ -193,7 +200,7 @@ def test_inside_the_apps_version_locations(sql_url: str, tmp_path: Path) -> None
         assert _versions(engine, "alembic_version") == {"a1", HEAD}
         command.downgrade(cfg, "app@base")
         assert set(sa.inspect(engine).get_table_names()) == {"alembic_version", RECORDS,
-                                                             POSITIONS}
+                                                             POSITIONS, OUTBOX}
         assert _versions(engine, "alembic_version") == {HEAD}
     finally:
         engine.dispose()
@@ -236,6 +243,7 @@ def test_offline_sql_names_our_version_table(url: str, capsys: pytest.CaptureFix
     assert f"CREATE TABLE {RECORDS}" in out
     assert "WITHOUT ROWID" in out
     assert f"CREATE TABLE {POSITIONS}" in out
+    assert f"CREATE TABLE {OUTBOX}" in out
     assert f"INSERT INTO {VERSION_TABLE} (version_num) VALUES ('idempotent_0001')" in out
     assert f"UPDATE {VERSION_TABLE} SET version_num='{HEAD}'" in out
 
@@ -243,6 +251,7 @@ def test_offline_sql_names_our_version_table(url: str, capsys: pytest.CaptureFix
 def test_version_location_is_the_installed_versions_dir() -> None:
     assert Path(VERSION_LOCATION, "0001_records_table.py").is_file()
     assert Path(VERSION_LOCATION, "0002_positions_table.py").is_file()
+    assert Path(VERSION_LOCATION, "0003_outbox_table.py").is_file()
 
 
 def test_include_object_hides_our_tables_from_the_apps_autogenerate(sql_url: str) -> None:
@@ -262,15 +271,16 @@ def test_include_object_hides_our_tables_from_the_apps_autogenerate(sql_url: str
             filtered = compare_metadata(
                 MigrationContext.configure(conn, opts={"include_object": include_object}), app)
         assert {d[1].name for d in plain if d[0] == "remove_table"} == {
-            RECORDS, POSITIONS, VERSION_TABLE}
+            RECORDS, POSITIONS, OUTBOX, VERSION_TABLE}
         assert filtered == []
     finally:
         engine.dispose()
 
 
 def test_0002_keeps_a_positions_table_create_schema_made(sql_url: str) -> None:
-    """A database made by create_schema() (records and positions tables) and stamped at
-    0001 upgrades to the head without error; the schema stays create_schema()'s."""
+    """A database made by create_schema() (records, positions and outbox tables) and
+    stamped at 0001 upgrades to the head without error; the schema stays
+    create_schema()'s."""
     engine = sa.create_engine(sql_url, poolclass=sa.NullPool)
     try:
         SqlStore(engine).create_schema()
@@ -280,6 +290,26 @@ def test_0002_keeps_a_positions_table_create_schema_made(sql_url: str) -> None:
         assert _migrate.upgrade(engine) == _migrate.Migration(("idempotent_0001",), (HEAD,))
         assert schema_of(engine) == made
         _migrate.downgrade(engine, "idempotent_0001")
-        assert POSITIONS not in sa.inspect(engine).get_table_names()
+        assert not {POSITIONS, OUTBOX} & set(sa.inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+
+
+def test_adopting_an_older_create_schema_database_creates_the_new_tables(
+        sql_url: str) -> None:
+    """A database whose create_schema() ran under 0.1 (the records table only) is adopted
+    by `upgrade`: its records are untouched and the positions and outbox tables created,
+    as the migrations make them."""
+    engine = sa.create_engine(sql_url, poolclass=sa.NullPool)
+    try:
+        store = SqlStore(engine)
+        store.table.create(engine)  # what 0.1's create_schema() made
+        claimed = store.claim("ns", "k", fingerprint=None)
+        store.complete("ns", "k", claimed.token, b"1")  # type: ignore[union-attr]
+        done = _migrate.upgrade(engine)
+        assert done == _migrate.Migration((), (HEAD,), True)
+        assert {RECORDS, POSITIONS, OUTBOX} <= set(sa.inspect(engine).get_table_names())
+        record = store.get("ns", "k")
+        assert record is not None and record.result == b"1"
     finally:
         engine.dispose()

@@ -74,9 +74,9 @@ def test_wheel_installs_and_runs(tmp_path: Path) -> None:
     cli = venv / "bin" / "idempotent"
     url = f"sqlite:///{tmp_path}/installed.db"
     out = sh(cli, "db", "upgrade", "--url", url, cwd=tmp_path)
-    assert out.endswith("upgraded (none) -> idempotent_0001\n"), out
+    assert out.endswith("upgraded (none) -> idempotent_0003\n"), out
     assert sh(cli, "db", "current", "--url", url, cwd=tmp_path).endswith(
-        "idempotent_0001 (at head)\n")
+        "idempotent_0003 (at head)\n")
     assert sh(cli, "stats", "--url", url, cwd=tmp_path) == "no records\n"
     demo = sh(cli, "demo", "--payments", "200", "--progress", "none", cwd=tmp_path)
     assert "OK: every payment applied exactly once" in demo, demo

@@ -349,6 +349,8 @@ class SqlStore(Store):
         # Kafka consumers' positions (idempotent.integrations.kafka): same schema, so
         # create_schema()/drop_schema() and the migrations cover it
         self.positions = _sql_schema.positions_table(self.metadata)
+        # messages staged for after COMMIT (idempotent.outbox)
+        self.outbox = _sql_schema.outbox_table(self.metadata)
         self.dialect = self.engine.dialect.name
         self._st = _Statements(self.table, self.dialect)
         self._db_time = self._st.pg  # STORE TIME: the database's clock (else the local one)
