@@ -367,17 +367,34 @@ def run_purge(args: argparse.Namespace, opened: list[Store]) -> int:
         _known_namespace(store, namespace)
     started = time.perf_counter()
     deleted = store.purge(older_than=args.older_than, namespace=namespace, batch=args.batch)
+    outbox_deleted = None
+    if namespace is None and _outbox_counts(store) is not None:
+        from .outbox import Outbox
+        from .stores.sql import SqlStore
+
+        assert isinstance(store, SqlStore)
+        outbox_deleted = Outbox(store, []).purge(
+            older_than=args.older_than if args.older_than is not None else OUTBOX_KEEP,
+            batch=args.batch)
     seconds = time.perf_counter() - started
     what = "expired records" if args.older_than is None else (
         f"records expired or created over {human(args.older_than)} ago")
     where = "every namespace" if namespace is None else f"namespace {namespace!r}"
+    outbox_text = "" if outbox_deleted is None else (
+        f"; deleted {outbox_deleted:,} delivered outbox entries staged over "
+        f"{human(args.older_than if args.older_than is not None else OUTBOX_KEEP)} ago "
+        "(pending and unconfirmed ones are kept)")
     _emit(args, {"deleted": deleted, "older_than": args.older_than,
                  "namespace": namespace, "batch": args.batch,
-                 "seconds": round(seconds, 3)},
+                 "outbox_deleted": outbox_deleted, "seconds": round(seconds, 3)},
           f"deleted {deleted:,} {what if deleted != 1 else what.replace('records', 'record')} "
           f"in {where} ({seconds:.2f} s, batches of "
-          f"{args.batch:,}); in-progress records with a live lease were kept")
+          f"{args.batch:,}); in-progress records with a live lease were kept{outbox_text}")
     return 0
+
+
+#: How long `purge` keeps delivered outbox entries when no --older-than is given.
+OUTBOX_KEEP = 7 * 86400.0
 
 
 # -- stats ---------------------------------------------------------------------------------
@@ -423,5 +440,30 @@ def run_stats(args: argparse.Namespace, opened: list[Store]) -> int:
         raise CommandError(
             f"unknown namespace {namespace!r}: the store holds no records of it")
     doc = stats_doc(stats, store.now())
-    _emit(args, doc, _stats_text(doc))
+    text = _stats_text(doc)
+    outbox = _outbox_counts(store) if namespace is None else None
+    if outbox is not None:
+        doc["outbox"] = outbox
+        states = ", ".join(f"{k} {v:,}" for k, v in sorted(outbox.items())) or "empty"
+        text += f"\noutbox: {states}"
+        if outbox.get("unconfirmed"):
+            text += (f" ({outbox['unconfirmed']:,} never confirmed by their consumer after "
+                     "every re-publish: look at them)")
+    _emit(args, doc, text)
     return 0
+
+
+def _outbox_counts(store: Store) -> dict[str, int] | None:
+    """Outbox entries per state, for a SQL store whose database has the outbox table."""
+    import sqlalchemy as sa
+
+    from .stores.sql import SqlStore
+
+    if not isinstance(store, SqlStore):
+        return None
+    t = store.outbox
+    with store.engine.connect() as conn:
+        if not sa.inspect(conn).has_table(t.name, schema=t.schema):
+            return None
+        return {state: int(n) for state, n in conn.execute(
+            sa.select(t.c.state, sa.func.count()).group_by(t.c.state))}

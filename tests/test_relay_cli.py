@@ -107,4 +107,31 @@ def test_relay_refuses_a_redis_url(redis_url: str) -> None:
                            redis_url, "--once"], capture_output=True, text=True, timeout=60,
                           env={**os.environ})
     assert proc.returncode == 2 and "SQL database" in proc.stderr, proc.stderr
-    assert sa is not None
+
+
+def test_stats_and_purge_cover_the_outbox(outbox_db: tuple[str, Outbox]) -> None:
+    """`idempotent stats` counts outbox entries per state and names unconfirmed ones;
+    `idempotent purge` deletes delivered entries and keeps pending and unconfirmed ones."""
+    url, box = outbox_db
+    t = box.table
+    with box.store.engine.begin() as conn:
+        conn.execute(t.insert(), [
+            {"id": f"e{i}", "publisher": "celery", "target": "t", "body": b"{}",
+             "state": state, "publishes": 1, "failures": 0, "created_at": 1000.0 + i,
+             "next_at": None} for i, state in enumerate(
+                 ["sent", "sent", "confirmed", "pending", "unconfirmed"])])
+    proc = subprocess.run([*IDEMPOTENT, "stats", "--url", url, "--json"], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["outbox"] == {"sent": 2, "confirmed": 1, "pending": 1,
+                                                 "unconfirmed": 1}
+    text = subprocess.run([*IDEMPOTENT, "stats", "--url", url], capture_output=True, text=True,
+                          timeout=60).stdout
+    assert "outbox: confirmed 1, pending 1, sent 2, unconfirmed 1 (1 never confirmed" in text
+    proc = subprocess.run([*IDEMPOTENT, "purge", "--url", url, "--json"], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["outbox_deleted"] == 3  # staged long ago, delivered
+    with box.store.engine.connect() as conn:
+        left = dict(conn.execute(sa.select(t.c.id, t.c.state)).all())  # type: ignore[arg-type]
+    assert left == {"e3": "pending", "e4": "unconfirmed"}
