@@ -109,6 +109,16 @@ def response_too_large(limit: int) -> Problem:
                    "can store; its writes were rolled back, nothing was stored")
 
 
+def ran_unstored(policy: HttpPolicy, exchange: Exchange, exc: Exception) -> bool:
+    """Lease mode: the endpoint ran and answered, then the store failed to take its
+    response (`StoreUnavailable` from the complete). The effect happened: the client gets
+    that response, not an error that would say nothing ran (the key stays claimed until
+    its lease ends; the record never says done). Transactional mode never: there a store
+    fault rolled the endpoint's writes back."""
+    return (not policy.transactional and exchange.ran and exchange.response is not None
+            and isinstance(exc, StoreUnavailable))
+
+
 def problem_for(exc: Exception) -> Problem | None:
     """The response for an error of the core, or None when it is not one of ours."""
     if isinstance(exc, IdempotencyKeyConflict):
@@ -130,8 +140,8 @@ def problem_for(exc: Exception) -> Problem | None:
                        "Idempotency-Key took the key over; its response was not stored")
     if isinstance(exc, StoreUnavailable):
         return Problem(503, "store-unavailable", "Idempotency store unavailable",
-                       "the idempotency store did not answer; nothing was processed",
-                       [("retry-after", "1")])
+                       "the idempotency store did not answer; the request was not "
+                       "completed (nothing was committed); retry it", [("retry-after", "1")])
     return None
 
 
@@ -415,5 +425,5 @@ __all__ = [
     "HEADER", "MAX_KEY", "NEVER_REPLAYED", "PROBLEM_BASE", "REPLAYED", "REPLAY_HEADERS",
     "Exchange", "HttpPolicy", "Identity", "NotStored", "Problem", "Request", "Response",
     "TooLarge", "body_too_large", "default_storable", "header_identity", "parse_key",
-    "problem_for", "response_too_large",
+    "problem_for", "ran_unstored", "response_too_large",
 ]

@@ -35,6 +35,7 @@ from ._http import (
     content_length,
     header_identity,
     problem_for,
+    ran_unstored,
     response_too_large,
 )
 
@@ -122,6 +123,10 @@ class IdempotencyMiddleware:
             await _send(send, response_too_large(self.policy.max_response).response())
             return
         except Exception as exc:
+            if ran_unstored(self.policy, ex, exc):
+                assert ex.response is not None
+                await _send(send, ex.response)  # what happened, though not stored
+                return
             answer = problem_for(exc)
             if answer is None:
                 raise  # the endpoint's own error: the server answers 500, key released

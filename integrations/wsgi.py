@@ -35,6 +35,7 @@ from ._http import (
     content_length,
     header_identity,
     problem_for,
+    ran_unstored,
     response_too_large,
 )
 
@@ -119,6 +120,9 @@ class IdempotencyMiddleware:
             return _respond(start_response,
                             response_too_large(self.policy.max_response).response())
         except Exception as exc:
+            if ran_unstored(self.policy, ex, exc):
+                assert ex.response is not None
+                return _respond(start_response, ex.response)  # happened, though not stored
             answer = problem_for(exc)
             if answer is None:
                 raise  # the app's own error: the server answers 500, key released

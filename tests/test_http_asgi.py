@@ -568,3 +568,42 @@ def test_store_down_is_503_and_runs_nothing(pg_server: Any, tmp_path: Path) -> N
             assert e.rows(key) == 0
     finally:
         pg_server.drop_database("http_store_down")
+
+
+def test_redis_dies_mid_request_the_client_gets_what_happened(pg_server: Any,
+                                                              tmp_path: Path) -> None:
+    """Lease mode, its redis-server SIGKILLed while the endpoint runs (after the claim):
+    the endpoint's effect happened, so the client gets its 201, not an error saying
+    nothing ran; the ledger has the one row."""
+    import os
+    import signal
+
+    from _servers import RedisServer
+
+    url = _database(pg_server, "http_redis_dies")
+    redis_server = RedisServer().start()
+    try:
+        env = {"IDEM_MODE": "lease", "IDEM_PG": url, "IDEM_GATES": str(tmp_path),
+               "IDEM_REDIS": redis_server.url_for(0), "IDEM_NO_RETRY": "1"}
+        with HttpServer("_http_asgi_app:app", env) as server:
+            e = Env(server, pg_server.dsn_for("http_redis_dies"), tmp_path)
+            key = _key()
+            out: list[httpx.Response] = []
+
+            def send() -> None:
+                with e.client() as c:
+                    out.append(_pay(c, key, **{"x-gate": key}))
+
+            t = threading.Thread(target=send)
+            t.start()
+            e.entered(key)
+            os.kill(redis_server.pid, signal.SIGKILL)
+            until(lambda: not redis_server.running, "redis-server to die")
+            e.open_gate(key)
+            t.join(DEADLINE)
+            assert len(out) == 1 and out[0].status_code == 201
+            assert out[0].json()["paid"] == 100
+            assert e.rows(key) == 1
+    finally:
+        redis_server.stop()
+        pg_server.drop_database("http_redis_dies")
