@@ -607,3 +607,26 @@ def test_redis_dies_mid_request_the_client_gets_what_happened(pg_server: Any,
     finally:
         redis_server.stop()
         pg_server.drop_database("http_redis_dies")
+
+
+def test_database_connection_killed_mid_transactional_request(tx: Env, pg_server: Any) -> None:
+    """The transaction's PostgreSQL backend terminated while the endpoint runs: the
+    attempt rolled back and the core ran it again (a transient fault of the transaction's
+    own connection); the client gets one 201 and the ledger one row."""
+    key = _key()
+    out: list[httpx.Response] = []
+
+    def send() -> None:
+        with tx.client() as c:
+            out.append(_pay(c, key, **{"x-gate": key}))
+
+    t = threading.Thread(target=send)
+    t.start()
+    tx.entered(key)
+    assert pg_server.terminate_backends(dbname="http_tx")
+    tx.open_gate(key)
+    t.join(DEADLINE)
+    assert len(out) == 1 and out[0].status_code == 201, out
+    assert tx.rows(key) == 1 and tx.cents(key) == 100
+    with tx.client() as c:
+        assert _pay(c, key).headers["idempotent-replayed"] == "true"
