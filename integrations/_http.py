@@ -412,11 +412,11 @@ def content_length(headers: Iterable[tuple[str, str]]) -> int | None:
     """The declared Content-Length, None if absent; a malformed one → 400."""
     for n, v in headers:
         if n == "content-length":
-            try:
-                return int(v)
-            except ValueError:
-                raise Problem(400, "bad-request", "Bad Content-Length",
-                              "the Content-Length header is not a number") from None
+            if not v.strip().isdigit():  # int() would take "-5", "+5", "1_0"
+                raise Problem(400, "bad-content-length", "Bad Content-Length",
+                              "the Content-Length header is not a non-negative integer; "
+                              "nothing was processed")
+            return int(v)
     return None
 
 

@@ -80,3 +80,15 @@ def test_wait_refused_in_transactional_mode(sqlite_url: str) -> None:
             HttpPolicy(store, transactional=True, wait=5)
     finally:
         store.engine.dispose()
+
+
+@pytest.mark.parametrize("value", ["-5", "+5", "1_0", "abc", ""])
+def test_bad_content_length(value: str) -> None:
+    """A Content-Length that is not a non-negative integer: 400, before any read."""
+    from idempotent.integrations._http import content_length
+
+    with pytest.raises(Problem) as info:
+        content_length([("content-length", value)])
+    assert info.value.status == 400 and info.value.kind == "bad-content-length"
+    assert content_length([("content-length", "12")]) == 12
+    assert content_length([]) is None
