@@ -185,7 +185,10 @@ WORKER = textwrap.dedent("""
         # workers keep taking over records the purges are deleting
         shared = i % 3 == 0
         key = f"shared-{i % 40}" if shared else f"{wid}-{i}"
-        ttl = 0.05 if shared else 0.5
+        # (a claim-to-complete slower than ttl lets another worker take an expired
+        # in-progress record over, by rule CLAIMABLE: LeaseLost. Under a loaded machine
+        # 50 ms was too short for that never to happen.)
+        ttl = 0.3 if shared else 2.0
         try:
             got = store.claim("live", key, fingerprint=None, lease=30, ttl=ttl)
             if not isinstance(got, Claimed):
