@@ -327,6 +327,16 @@ class Flow:
             record = mode.claim()
         return record
 
+    def signal(self, key: str) -> None:
+        """After a complete or a release by a handler that has ``wait=``: the store's
+        signal to its waiters where its writes do not send one (PostgreSQL's NOTIFY).
+        A signal that cannot be sent only delays a waiter to its next poll."""
+        try:
+            self.store.signal_change(self.namespace, key)
+        except Exception:
+            _LOG.warning("idempotent: could not signal the waiters of %s/%s; they poll",
+                         self.namespace, key, exc_info=True)
+
     def encode(self, value: Any, key: str) -> bytes | None:
         """The result as stored; `ResultNotSerializable` when it cannot be."""
         if value is None:
@@ -445,6 +455,8 @@ class Lease:
                 _LOG.warning("idempotent: could not keep the failure of %s/%s; the key frees "
                              "when its lease ends", flow.namespace, key, exc_info=True)
             else:
+                if flow.wait is not None:
+                    flow.signal(key)
                 return "failed"
             return "released"
         try:
@@ -452,6 +464,9 @@ class Lease:
         except Exception:  # the lease running out frees the key as well, later
             _LOG.warning("idempotent: could not release %s/%s; it frees when its lease ends",
                          flow.namespace, key, exc_info=True)
+        else:
+            if flow.wait is not None:
+                flow.signal(key)
         return "released"
 
     def finish(self, value: Any) -> None:
@@ -477,6 +492,8 @@ class Lease:
         except LeaseLost:
             flow.emit("lease_lost", key)
             raise
+        if flow.wait is not None:
+            flow.signal(key)
 
     store_fault = staticmethod(lambda exc: False)
 

@@ -24,10 +24,18 @@ def until(cond: Callable[[], bool], what: str, timeout: float = DEADLINE) -> Non
         time.sleep(0.005)
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "postgres"])
 def store(request: pytest.FixtureRequest) -> Iterator[Any]:
     if request.param == "memory":
         yield MemoryStore()
+        return
+    if request.param == "postgres":
+        sql = SqlStore(request.getfixturevalue("pg_url"))
+        sql.create_schema()
+        try:
+            yield sql
+        finally:
+            sql.engine.dispose()
         return
     url = request.getfixturevalue("redis_url")
     s = RedisStore(url)
@@ -89,10 +97,23 @@ def test_waiting_duplicate_gets_first_result(store: Any) -> None:
 
 
 def _waiting(store: Any, namespace: str) -> bool:
-    """A waiter subscribed (Redis); memory has no signal (the waiter polls)."""
+    """A waiter subscribed (Redis) or listening (PostgreSQL); memory has no signal (the
+    waiter polls)."""
     if isinstance(store, RedisStore):
         return any(n for _, n in store.client.pubsub_numsub(store.key_name(namespace, "p1")))
+    if isinstance(store, SqlStore):
+        return _listening(store)
     return True
+
+
+def _listening(store: SqlStore) -> bool:
+    """A session of this database is waiting after its LISTEN."""
+    import sqlalchemy as sa
+
+    with store.engine.connect() as conn:
+        return bool(conn.execute(sa.text(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND query LIKE 'LISTEN idem_%' AND pid <> pg_backend_pid()")).scalar())
 
 
 def test_waiting_duplicate_runs_when_first_released(store: Any) -> None:
@@ -112,7 +133,7 @@ def test_waiting_duplicate_runs_when_first_released(store: Any) -> None:
 def test_wait_deadline_then_already_in_progress(store: Any) -> None:
     """A first delivery that outlasts ``wait``: the duplicate gets AlreadyInProgress."""
     charge, entered, go, runs = _holder(store, wait=0.2)
-    t1, out1 = _in_thread(lambda: charge({"id": "p3", "who": "first"}))
+    t1, _ = _in_thread(lambda: charge({"id": "p3", "who": "first"}))
     assert entered.wait(DEADLINE)
     try:
         with pytest.raises(AlreadyInProgress) as info:
@@ -127,7 +148,7 @@ def test_wait_deadline_then_already_in_progress(store: Any) -> None:
 
 def test_no_wait_is_immediate_409_semantics(store: Any) -> None:
     """Without ``wait=`` a duplicate raises at once (the first is still blocked)."""
-    charge, entered, go, runs = _holder(store, wait=None)
+    charge, entered, go, _ = _holder(store, wait=None)
     t1, _ = _in_thread(lambda: charge({"id": "p4", "who": "first"}))
     assert entered.wait(DEADLINE)
     try:
@@ -217,3 +238,60 @@ def test_wait_refused_in_transactional_mode_and_bad_values(sqlite_url: str) -> N
                 def f(msg: dict[str, Any]) -> None: ...
     finally:
         store.engine.dispose()
+
+
+def test_postgres_wait_change_is_woken_by_notify(pg_url: str) -> None:
+    """Rule WAKE on PostgreSQL: a waiter LISTENing on the key's channel is woken by
+    `signal_change` (the call returns True long before its 30 s timeout); a key not in
+    progress is True at once; a live lease and a short timeout is False."""
+    a, b = SqlStore(pg_url), SqlStore(pg_url)
+    a.create_schema()
+    try:
+        claimed = a.claim("ns", "k", fingerprint=None, lease=30)
+        t, out = _in_thread(lambda: b.wait_change("ns", "k", DEADLINE))
+        until(lambda: _listening(a), "the waiter to LISTEN")
+        a.complete("ns", "k", claimed.token, b'"done"')
+        a.signal_change("ns", "k")
+        t.join(DEADLINE)
+        assert out == [True]
+        assert b.wait_change("ns", "absent", DEADLINE) is True
+        a.claim("ns", "k3", fingerprint=None, lease=30)
+        assert b.wait_change("ns", "k3", 0.05) is False
+    finally:
+        a.engine.dispose()
+        b.engine.dispose()
+
+
+def test_async_waiting_duplicate_postgres(pg_url: str) -> None:
+    """``async def`` handlers on an async PostgreSQL engine: duplicates LISTEN without
+    blocking the loop and get the first result; one run."""
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    sync = SqlStore(pg_url)
+    sync.create_schema()
+    sync.engine.dispose()
+    runs: list[int] = []
+
+    async def main() -> list[Any]:
+        engine = create_async_engine(pg_url.replace("+psycopg://", "+psycopg_async://"))
+        store = SqlStore(engine)
+        gate = asyncio.Event()
+
+        @idempotent(store, key="id", lease=30, wait=DEADLINE, fingerprint=False)
+        async def charge(msg: dict[str, Any]) -> dict[str, Any]:
+            runs.append(msg["n"])
+            await gate.wait()
+            return {"charged": msg["n"]}
+
+        try:
+            tasks = [asyncio.create_task(charge({"id": "a1", "n": i})) for i in range(5)]
+            while not runs:
+                await asyncio.sleep(0.005)
+            gate.set()
+            return await asyncio.wait_for(asyncio.gather(*tasks), DEADLINE)
+        finally:
+            await engine.dispose()
+
+    results = asyncio.run(main())
+    assert len(runs) == 1
+    assert results == [{"charged": runs[0]}] * 5

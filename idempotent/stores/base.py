@@ -161,6 +161,12 @@ class Store:
         store has no signal, and the caller polls (the default)."""
         return None
 
+    def signal_change(self, namespace: str, key: str) -> None:
+        """Rule WAKE for a store whose complete and release do not signal by themselves:
+        wake the waiters of ``key``. Called by handlers that have ``wait=``, after they
+        completed or released the key; the default does nothing (Redis' scripts signal
+        on their own; stores without a signal are polled)."""
+
     def get(self, namespace: str, key: str) -> Record | None:
         """The record of ``key``, or None."""
         check_text("namespace", namespace)

@@ -34,6 +34,7 @@ lease claim reads first and writes only a new key or a claimable record.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import operator
 import sqlite3
@@ -524,6 +525,50 @@ class SqlStore(Store):
             params = {"ns": namespace, "k": key, "tok": token}
             return conn.execute(self._st.release, params).rowcount == 1
 
+    # -- wait= (rule WAKE): PostgreSQL LISTEN/NOTIFY ------------------------------------------
+    def _channel(self, namespace: str, key: str) -> str | None:
+        """The NOTIFY channel of a key (an identifier under 63 bytes), None where this
+        store has no signal (not PostgreSQL with psycopg)."""
+        if self.dialect != "postgresql" or self.engine.dialect.driver != "psycopg":
+            return None
+        digest = hashlib.sha1(
+            f"{self.table.name}\x00{namespace}\x00{key}".encode("utf-8", "surrogatepass"))
+        return "idem_" + digest.hexdigest()
+
+    def signal_change(self, namespace: str, key: str) -> None:
+        """Rule WAKE on PostgreSQL: ``pg_notify`` the key's channel (one autocommit
+        round trip), after a complete or a release of a handler that has ``wait=``:
+        so only those pay for it (a NOTIFY serializes the commits that send one)."""
+        channel = self._channel(namespace, key)
+        if channel is None:
+            return
+        with self._autocommit.connect() as conn:
+            conn.execute(sa.select(sa.func.pg_notify(channel, "")))
+
+    def wait_change(self, namespace: str, key: str, timeout: float) -> bool | None:
+        """Rule WAKE on PostgreSQL: ``LISTEN`` on the key's channel, read the record once
+        (a change before the LISTEN is not missed), then wait up to ``timeout`` for a
+        notification (`signal_change`). The connection is discarded afterwards, so no
+        pooled connection keeps listening. None (poll) on other databases."""
+        channel = self._channel(namespace, key)
+        if channel is None:
+            return None
+        conn = self._autocommit.connect()
+        try:
+            conn.exec_driver_sql(f"LISTEN {channel}")
+            record = self._get(namespace, key)
+            if record is None or record.state is not State.IN_PROGRESS:
+                return True
+            raw: Any = conn.connection.driver_connection
+            if self.async_engine is None:
+                return any(True for _ in raw.notifies(timeout=timeout, stop_after=1))
+            from sqlalchemy.util import await_only
+
+            return bool(await_only(_first_notify(raw, timeout)))
+        finally:
+            conn.invalidate()
+            conn.close()
+
     def _renew(
         self, namespace: str, key: str, token: str, now: float | None, lease: float
     ) -> float | None:
@@ -930,6 +975,13 @@ class Transaction:
             assert tx is not None
             tx.commit()
         return None
+
+
+async def _first_notify(raw: Any, timeout: float) -> bool:
+    """Whether an asyncio psycopg connection got a notification within ``timeout``."""
+    async for _ in raw.notifies(timeout=timeout, stop_after=1):
+        return True
+    return False
 
 
 def _qmark(stmt: Any, dialect: sa.Dialect) -> tuple[str, Callable[[dict[str, Any]], Any]]:
