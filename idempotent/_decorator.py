@@ -73,7 +73,8 @@ def idempotent(
       the key first, so a concurrent duplicate waits instead of running.
     * ``wait`` (lease mode): seconds a duplicate that finds the key in progress waits
       for the first delivery's outcome before `AlreadyInProgress`: woken by the store
-      where it can signal (Redis pub/sub), else polling with a backed-off pause. It then
+      where it can signal (Redis pub/sub, PostgreSQL LISTEN/NOTIFY), else polling with a
+      backed-off pause. It then
       gets the first result, or runs if the first delivery released the key (its handler
       raised). None (default): `AlreadyInProgress` at once. In transactional mode a
       duplicate already waits, on the key's row lock, up to the store's ``lock_timeout``.
