@@ -313,7 +313,12 @@ class Flow:
             if left <= 0:
                 break
             step = min(pause, left)
-            woken = self.store.wait_change(self.namespace, mode.key, step)
+            try:
+                woken = self.store.wait_change(self.namespace, mode.key, step)
+            except Exception:  # the signal failed: poll; the claim below meets a real fault
+                _LOG.debug("idempotent: waiting for %s/%s: no signal, polling",
+                           self.namespace, mode.key, exc_info=True)
+                woken = None
             if woken is None:  # no signal from this store: poll
                 if self.is_async:
                     import asyncio

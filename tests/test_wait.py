@@ -295,3 +295,33 @@ def test_async_waiting_duplicate_postgres(pg_url: str) -> None:
     results = asyncio.run(main())
     assert len(runs) == 1
     assert results == [{"charged": runs[0]}] * 5
+
+
+def test_redis_user_without_pubsub_rights_still_completes_and_waits(
+        redis_url: str) -> None:
+    """An ACL user without channel rights (``resetchannels``): a complete whose record a
+    duplicate marked still succeeds (the publish is refused quietly) and the duplicate,
+    which cannot subscribe, polls and gets the first result."""
+    import redis
+
+    admin = redis.Redis.from_url(redis_url)
+    admin.acl_setuser("idem-nochan", enabled=True, passwords=["+pw"], keys=["idem:*"],
+                      commands=["+@all"], channels=[], reset_channels=True)
+    store = RedisStore(redis_url.replace("redis://", "redis://idem-nochan:pw@"))
+    try:
+        charge, entered, go, runs = _holder(store, wait=DEADLINE)
+        t1, out1 = _in_thread(lambda: charge({"id": "acl", "who": "first"}))
+        assert entered.wait(DEADLINE)
+        t2, out2 = _in_thread(lambda: charge({"id": "acl", "who": "second"}))
+        name = store.key_name(charge.namespace, "acl")
+        # the duplicate waits; a marked record makes the holder's complete publish
+        admin.hset(name, "w", "1")
+        go.set()
+        t1.join(DEADLINE)
+        t2.join(DEADLINE)
+        assert out1 == out2 == [{"charged": "first"}]
+        assert runs == ["first"]
+    finally:
+        store.close()
+        admin.acl_deluser("idem-nochan")
+        admin.close()

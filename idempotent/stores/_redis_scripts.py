@@ -8,8 +8,9 @@ script        rules
 `CLAIM`       CLAIMABLE (insert, take over a lease that ran out, or report), STORE TIME
 `CLAIM_MANY`  the same as `CLAIM`, for every key of one slot, on one reading of the clock
 `COMPLETE`    FENCED (only the token's owner writes), STORE TIME (completed/expiry times),
-              WAKE (publishes on the record's name)
+              WAKE (publishes on the record's name when a duplicate waits)
 `RELEASE`     FENCED (only the owner's in-progress record is deleted), WAKE
+`WATCH`       WAKE (a waiting duplicate marks the record, so COMPLETE and RELEASE publish)
 `RENEW`       FENCED (only the owner's in-progress lease moves), STORE TIME (new deadline)
 `PURGE`       PURGEABLE (expired or older than a cut-off, never a live lease), STORE TIME
 ============  =======================================================================
@@ -161,11 +162,11 @@ return out
 """
 
 # FENCED, shared by the other scripts: 1 the token owns the key, 0 it does not, -1 another
-# format version, -2 not a hash; and the fields v s t d e.
+# format version, -2 not a hash; and the fields v s t d e w (w: a duplicate waits, WAKE).
 _OWNED = """
 local V = '1'
 local function owned(k, token)
-  local rec = redis.pcall('HMGET', k, 'v', 's', 't', 'd', 'e')
+  local rec = redis.pcall('HMGET', k, 'v', 's', 't', 'd', 'e', 'w')
   if rec.err then return -2, rec end
   if not rec[1] then
     if rec[2] or rec[3] then return -1, rec end  -- a record without a version
@@ -187,13 +188,15 @@ local now, snow = clock(ARGV[3])
 if ARGV[6] then
   redis.call('HSET', k, 's', ARGV[2], 'e', num(now + tonumber(ARGV[4])), 'd', rec[4] or snow,
              'r', ARGV[6])
-  redis.call('HDEL', k, 'l')
+  redis.call('HDEL', k, 'l', 'w')
 else
   redis.call('HSET', k, 's', ARGV[2], 'e', num(now + tonumber(ARGV[4])), 'd', rec[4] or snow)
-  redis.call('HDEL', k, 'l', 'r')
+  redis.call('HDEL', k, 'l', 'r', 'w')
 end
 redis.call('PEXPIRE', k, ARGV[5])
-redis.call('PUBLISH', k, ARGV[2])  -- WAKE: wakes duplicates waiting on the key
+-- WAKE: only when a duplicate said it waits; pcall: a user without pub/sub rights
+-- (ACL channels) still completes, its waiters poll
+if rec[6] then redis.pcall('PUBLISH', k, ARGV[2]) end
 return 1
 """
 
@@ -203,7 +206,17 @@ local ok, rec = owned(KEYS[1], ARGV[1])
 if ok ~= 1 then return ok end
 if rec[2] ~= 'i' then return 0 end
 redis.call('DEL', KEYS[1])
-redis.call('PUBLISH', KEYS[1], 'r')  -- WAKE: a waiting duplicate may claim it now
+if rec[6] then redis.pcall('PUBLISH', KEYS[1], 'r') end  -- WAKE (see COMPLETE)
+return 1
+"""
+
+#: WAKE. KEYS[1] record. A duplicate about to wait for it (already subscribed to the
+#: record's name): marks the in-progress record (field w) so that COMPLETE and RELEASE
+#: publish, atomically with the check. 1 marked (wait), 0 not in progress (look again).
+WATCH = """
+local s = redis.pcall('HGET', KEYS[1], 's')
+if type(s) ~= 'string' or s ~= 'i' then return 0 end
+redis.call('HSET', KEYS[1], 'w', '1')
 return 1
 """
 

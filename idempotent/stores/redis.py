@@ -135,7 +135,8 @@ _COMPLETE = _Script(lua.COMPLETE)
 _RELEASE = _Script(lua.RELEASE)
 _RENEW = _Script(lua.RENEW)
 _PURGE = _Script(lua.PURGE)
-_SCRIPTS = (_CLAIM, _CLAIM_MANY, _COMPLETE, _RELEASE, _RENEW, _PURGE)
+_WATCH = _Script(lua.WATCH)
+_SCRIPTS = (_CLAIM, _CLAIM_MANY, _COMPLETE, _RELEASE, _RENEW, _PURGE, _WATCH)
 
 
 #: Added to a native expiry (milliseconds): the grace, and 1 for int()'s rounding down,
@@ -1014,11 +1015,12 @@ class RedisStore(Store):
         return code == 1
 
     def wait_change(self, namespace: str, key: str, timeout: float) -> bool | None:
-        """Rule WAKE: subscribe to the record's name (on which `COMPLETE` and `RELEASE`
-        publish), read the record once (a change before the subscription is not missed),
-        then wait up to ``timeout`` for a message. A connection of its own for the call,
-        closed before it returns. None (poll) for an asyncio cluster client, whose redis-py
-        has no pub/sub."""
+        """Rule WAKE: subscribe to the record's name, then mark the record as waited for
+        (`WATCH`, which also says whether it is still in progress: a change before the
+        subscription is not missed), then wait up to ``timeout`` for the message that
+        `COMPLETE` or `RELEASE` then publish. A connection of its own for the call, closed
+        before it returns. None (poll) for an asyncio cluster client (redis-py has no
+        pub/sub there) or a user without pub/sub rights (ACL channels)."""
         if self.is_async and self.is_cluster:
             return None
         name = self.key_name(namespace, key)
@@ -1026,8 +1028,7 @@ class RedisStore(Store):
         pubsub = self.client.pubsub()
         try:
             self._wait(pubsub.subscribe(name))
-            record = self._read(namespace, key, name)
-            if record is None or record.state is not State.IN_PROGRESS:
+            if self._eval(_WATCH, 1, name) != 1:
                 return True
             while (left := deadline - time.monotonic()) > 0:
                 message = self._wait(pubsub.get_message(ignore_subscribe_messages=True,
@@ -1035,6 +1036,8 @@ class RedisStore(Store):
                 if message is not None:
                     return True
             return False
+        except redis.exceptions.NoPermissionError:  # (its reply may come with a message)
+            return None
         finally:
             self._wait(pubsub.aclose()) if self.is_async else pubsub.close()
 
