@@ -78,6 +78,7 @@ __all__ = [
     "DEFAULT_MAX_BODY_BYTES",
     "ERROR_ATTRIBUTE",
     "ERROR_TYPE_ATTRIBUTE",
+    "OUTBOX_ID_ATTRIBUTE",
     "RECEIVE_COUNT_ATTRIBUTE",
     "SOURCE_MESSAGE_ID_ATTRIBUTE",
     "BadMessage",
@@ -86,6 +87,7 @@ __all__ = [
     "SqsConsumer",
     "SqsHandler",
     "SqsMessage",
+    "SqsPublisher",
     "Status",
     "UndecodableMessage",
     "body_field",
@@ -913,3 +915,39 @@ def _seconds(delay: float) -> int:
     if not math.isfinite(delay):
         return 43_200
     return min(max(math.ceil(delay), 0), 43_200)
+
+
+# -- the outbox's publisher ------------------------------------------------------------
+#: The message attribute that carries an outbox entry's id: key a consumer of those
+#: messages with ``message_attribute(OUTBOX_ID_ATTRIBUTE)``, so a re-publish is a duplicate.
+OUTBOX_ID_ATTRIBUTE = "idempotent-message-id"
+
+
+class SqsPublisher:
+    """Publishes `idempotent.outbox` entries to SQS: the entry's target is the queue URL,
+    its body the message body (JSON), and its id the `OUTBOX_ID_ATTRIBUTE` attribute (on
+    a FIFO queue also the deduplication id, hashed to fit, and by default the group).
+
+    ``group``: a FIFO queue's ``MessageGroupId`` for an entry (default: its id, so no
+    ordering between messages)."""
+
+    def __init__(self, client: Any, name: str = "sqs", *,
+                 group: Callable[[Any], str] | None = None) -> None:
+        self.client = client
+        self.name = name
+        self.group = group
+
+    def publish(self, entry: Any) -> None:
+        params: dict[str, Any] = {
+            "QueueUrl": entry.target,
+            "MessageBody": json.dumps(entry.body, sort_keys=True, separators=(",", ":")),
+            "MessageAttributes": {OUTBOX_ID_ATTRIBUTE: {"DataType": "String",
+                                                         "StringValue": entry.id}},
+        }
+        if entry.target.endswith(".fifo"):
+            import hashlib
+
+            params["MessageDeduplicationId"] = hashlib.sha256(entry.id.encode()).hexdigest()
+            params["MessageGroupId"] = self.group(entry) if self.group else params[
+                "MessageDeduplicationId"]
+        self.client.send_message(**params)
