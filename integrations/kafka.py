@@ -42,6 +42,7 @@ count as attempts.
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -74,7 +75,9 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from exc
 
 __all__ = [
+    "OUTBOX_ID_HEADER",
     "InvalidPosition",
+    "KafkaPublisher",
     "LeaseConsumer",
     "Message",
     "PositionFenced",
@@ -808,3 +811,41 @@ class LeaseConsumer(_Loop):
         except KafkaException as exc:  # a rebalance: the records dedup the redelivery
             _LOG.warning("Kafka offset commit failed: %r", exc)
 
+
+# -- the outbox's publisher --------------------------------------------------------------
+#: The header that carries an outbox entry's id: key a consumer of those messages with
+#: ``header(OUTBOX_ID_HEADER)``, so a re-publish (a new offset) is a duplicate it drops.
+OUTBOX_ID_HEADER = "idempotent-message-id"
+
+
+class KafkaPublisher:
+    """Publishes `idempotent.outbox` entries to Kafka with a confluent-kafka ``Producer``:
+    the entry's target is the topic, its body the value (JSON), its id the
+    `OUTBOX_ID_HEADER` header, and ``key`` (a function of the entry; default: none) the
+    message key. ``publish`` returns once the broker acknowledged the message (it flushes
+    the producer), and raises when it did not, so the entry is retried."""
+
+    def __init__(self, producer: Any, name: str = "kafka", *,
+                 key: Callable[[Any], bytes | str | None] | None = None,
+                 timeout: float = 30.0) -> None:
+        self.producer = producer
+        self.name = name
+        self.key = key
+        self.timeout = timeout
+
+    def publish(self, entry: Any) -> None:
+        errors: list[Any] = []
+
+        def delivered(err: Any, _msg: Any) -> None:
+            if err is not None:
+                errors.append(err)
+
+        self.producer.produce(
+            entry.target,
+            json.dumps(entry.body, sort_keys=True, separators=(",", ":")).encode(),
+            key=self.key(entry) if self.key else None,
+            headers=[(OUTBOX_ID_HEADER, entry.id.encode())], on_delivery=delivered)
+        left = self.producer.flush(self.timeout)
+        if errors or left:
+            raise ConnectionError(f"Kafka did not acknowledge {entry.id!r} on "
+                                  f"{entry.target}: {errors[0] if errors else 'timed out'}")
