@@ -71,7 +71,7 @@ try:
     from confluent_kafka import KafkaError, KafkaException, TopicPartition
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
-        "idempotent.integrations.kafka needs confluent-kafka: pip install 'idempotent[kafka]'"
+        "idempotent.integrations.kafka needs confluent-kafka: pip install 'idempotent-py[kafka]'"
     ) from exc
 
 __all__ = [

@@ -344,7 +344,7 @@ def test_opentelemetry_missing_names_the_extra(monkeypatch: pytest.MonkeyPatch) 
 
     monkeypatch.setitem(sys.modules, "opentelemetry", None)
     monkeypatch.delitem(sys.modules, "idempotent.integrations.opentelemetry", raising=False)
-    with pytest.raises(ImportError, match=r"pip install 'idempotent\[otel\]'"):
+    with pytest.raises(ImportError, match=r"pip install 'idempotent-py\[otel\]'"):
         import idempotent.integrations.opentelemetry  # noqa: F401
 
 

@@ -171,3 +171,28 @@ def test_connection_terminated_mid_handler(urls: tuple[str, str], pg_server: Any
 
     asyncio.run(_with_store(url, body, pool_pre_ping=True))
     assert _rows(sync_url) == [("x", 3)]
+
+
+def test_fast_path_false_turns_the_async_path_off(urls: tuple[str, str]) -> None:
+    """``SqlStore(..., fast_path=False)`` (PgBouncer in transaction mode, say) goes through
+    SQLAlchemy on an async engine too, with the same outcome: one row, one replay."""
+    sync_url, url = urls
+
+    async def main() -> None:
+        engine = create_async_engine(url)
+        try:
+            store = SqlStore(engine, fast_path=False)
+            assert store._async_fast() is None
+
+            @idempotent(store, key="id", optimistic=False)
+            async def pay(msg: dict[str, Any], *, session: AsyncSession) -> str:
+                await session.execute(LEDGER.insert().values(key=msg["id"], cents=msg["cents"]))
+                return "ok"
+
+            assert await pay({"id": "slow-1", "cents": 3}) == "ok"
+            assert await pay({"id": "slow-1", "cents": 3}) == "ok"
+        finally:
+            await engine.dispose()
+
+    asyncio.run(main())
+    assert _rows(sync_url) == [("slow-1", 3)]

@@ -69,7 +69,7 @@ try:
     from sqlalchemy.util import await_only
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
-        "RedisStore needs redis-py: pip install 'idempotent[redis]'"
+        "RedisStore needs redis-py: pip install 'idempotent-py[redis]'"
     ) from exc
 
 _hiredis_pack: Callable[[tuple[Any, ...]], bytes] | None

@@ -353,6 +353,7 @@ class SqlStore(Store):
         # messages staged for after COMMIT (idempotent.outbox)
         self.outbox = _sql_schema.outbox_table(self.metadata)
         self.dialect = self.engine.dialect.name
+        self._fast_path = fast_path  # also read by the async PostgreSQL path, built lazily
         self._st = _Statements(self.table, self.dialect)
         self._db_time = self._st.pg  # STORE TIME: the database's clock (else the local one)
         self._autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
@@ -397,7 +398,7 @@ class SqlStore(Store):
                 async_engine = create_async_engine(url, **options)
             except ImportError as exc:  # greenlet or the async driver
                 raise IdempotencyError(
-                    f"async engines need extra packages: pip install 'idempotent[async]' ({exc})"
+                    f"async engines need extra packages: pip install 'idempotent-py[async]' ({exc})"
                 ) from exc
             engine: Engine | AsyncEngine = async_engine
             sync_engine = async_engine.sync_engine
@@ -728,8 +729,8 @@ class SqlStore(Store):
         except KeyError:
             pass
         fast = None
-        if (self.async_engine is not None and self.dialect == "postgresql"
-                and self.engine.dialect.driver == "psycopg"):
+        if (self._fast_path and self.async_engine is not None
+                and self.dialect == "postgresql" and self.engine.dialect.driver == "psycopg"):
             st = self._st
             fast = PgFastPath(read=st.read, claim=st.claim_tx, done=st.insert_done,
                               store_result=st.store_result, delete_expired=st.delete_expired,
