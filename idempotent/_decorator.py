@@ -167,6 +167,15 @@ class _Handler:
                 f"has {kind}; give SqlStore an engine of the same kind"
             )
         check_durations(lease, ttl)
+        effective_lease = lease if lease is not None else DEFAULT_LEASE
+        if self.tx_param is None and ttl < effective_lease:
+            # CLAIMABLE: a record past its expires_at may be claimed whatever its lease;
+            # an in-progress key would expire while its handler still holds it, and a
+            # redelivery would run the handler a second time
+            raise ValueError(
+                f"ttl ({ttl!r} s) is shorter than the lease ({effective_lease!r} s): a "
+                "key would be forgotten while its handler still runs, and a redelivery "
+                "would run it again; give a ttl longer than the lease")
         name = namespace or f"{fn.__module__}.{fn.__qualname__}"
         _keys.check_text("namespace", name)
         self.namespace = _keys.fit(name)

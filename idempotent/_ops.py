@@ -444,7 +444,8 @@ def run_stats(args: argparse.Namespace, opened: list[Store]) -> int:
     outbox = _outbox_counts(store) if namespace is None else None
     if outbox is not None:
         doc["outbox"] = outbox
-        states = ", ".join(f"{k} {v:,}" for k, v in sorted(outbox.items())) or "empty"
+    if outbox:  # (a database whose outbox is unused shows no outbox line)
+        states = ", ".join(f"{k} {v:,}" for k, v in sorted(outbox.items()))
         text += f"\noutbox: {states}"
         if outbox.get("unconfirmed"):
             text += (f" ({outbox['unconfirmed']:,} never confirmed by their consumer after "

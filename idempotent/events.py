@@ -44,16 +44,24 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-__all__ = ["EVENTS", "Event", "Listener", "add_listener", "listening", "remove_listener"]
+__all__ = ["EVENTS", "OUTBOX_EVENTS", "Event", "Listener", "add_listener", "listening",
+           "remove_listener"]
 
 #: Every event kind, in the order of a delivery's life.
 EVENTS = (
     "claimed", "duplicate", "conflict", "in_progress", "completed", "failed", "released",
     "lease_lost", "result_not_stored", "store_retry",
 )
+#: The outbox's events (`idempotent.outbox`): ``namespace`` is ``publisher:target``,
+#: ``key`` the message id.
+OUTBOX_EVENTS = (
+    "outbox_published", "outbox_republished", "outbox_confirmed", "outbox_publish_failed",
+    "outbox_unconfirmed",
+)
 
 log = logging.getLogger("idempotent")
 
+# (outbox_unconfirmed has its own WARNING line, on the idempotent.outbox logger)
 _WARNING = frozenset({"conflict", "lease_lost", "result_not_stored"})
 
 

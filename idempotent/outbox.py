@@ -271,7 +271,8 @@ class Outbox:
         # staged inside a SAVEPOINT: that savepoint may roll back while the transaction
         # commits, so the publish after COMMIT reads whether the entry is there
         nested = tx.in_nested_transaction()
-        self._remember(tx, _Staged(id, publisher, target, body, confirm is not None, nested))
+        self._remember(tx, _Staged(self, id, publisher, target, body, confirm is not None,
+                                   nested, tx.get_transaction()))
         return id
 
     def _remember(self, tx: Session | sa.Connection, staged: _Staged) -> None:
@@ -288,36 +289,41 @@ class Outbox:
         if session.in_nested_transaction():  # a SAVEPOINT was released: not yet durable
             return
         staged = session.info.pop(_STAGED, None)
-        if staged:
-            self._publish_after_commit(staged)
+        if staged:  # a rollback of the outermost transaction forgot what it staged
+            _publish_all(staged, committed=None, trust=True)
 
     @contextmanager
     def begin(self) -> Iterator[sa.Connection]:
         """``engine.begin()`` that publishes what was staged in it once it has committed."""
         with self.store.engine.connect() as conn:
-            with conn.begin():
+            with conn.begin() as root:
                 yield conn
             staged = conn.info.pop(_STAGED, None)
         if staged:
-            self._publish_after_commit(staged)
+            _publish_all(staged, committed=root)
 
     def publish_staged(self, conn: sa.Connection) -> int:
         """Publish what was staged on ``conn`` since the last call, after its commit.
         Entries whose transaction rolled back are not in the table and are skipped."""
         staged = conn.info.pop(_STAGED, None)
-        return self._publish_after_commit(staged, check_all=True) if staged else 0
+        return _publish_all(staged, committed=None) if staged else 0
 
-    def _publish_after_commit(self, staged: Sequence[_Staged], *, check_all: bool = False
-                              ) -> int:
+    def _publish_after_commit(self, staged: Sequence[_Staged], *, committed: Any = None,
+                              trust: bool = False) -> int:
         """The committing process's immediate publish, marked by a background thread in
-        batches. Entries staged inside a SAVEPOINT (which may have rolled back while the
-        transaction committed), or all of them when the caller only says it committed
-        (``check_all``), are read first: only those in the table are published. A failure
-        is logged, never raised: the caller's transaction has committed, and the relay
-        retries the entry after ``grace``."""
+        batches. An entry is published unread only when it was staged, outside any
+        SAVEPOINT, in the transaction known to have just committed (``committed``, or
+        ``trust``: a Session's, whose rollbacks forget what they staged); any other (staged
+        in a SAVEPOINT that may have rolled back, left on a pooled connection by a
+        transaction that rolled back, or a caller that only says it committed) is read
+        first, and published only if it is in the table. A failure is logged, never
+        raised: the caller's transaction has committed, and the relay retries the entry."""
         t = self.table
-        there = {e.id for e in staged if not (e.nested or check_all)}
-        check = [e.id for e in staged if e.nested or check_all]
+        staged = list({e.id: e for e in staged}.values())  # an id staged twice: one publish
+        known = [e for e in staged if not e.nested and (trust or (
+            committed is not None and e.root is committed))]
+        there = {e.id for e in known}
+        check = [e.id for e in staged if e.id not in there]
         if check:
             try:
                 with self.store._autocommit.connect() as conn:
@@ -545,12 +551,14 @@ class Outbox:
 class _Staged:
     """What the committing process remembers of a message it staged."""
 
+    outbox: Outbox
     id: str
     publisher: str
     target: str
     body: Any
     confirm: bool
     nested: bool
+    root: Any  # the root transaction it was staged in
 
     def entry(self) -> Entry:
         return Entry(id=self.id, publisher=self.publisher, target=self.target, body=self.body,
@@ -650,6 +658,26 @@ class _Marker:
 _STOP: Any = object()
 #: seconds the marker gathers marks before it writes a batch
 _LINGER = 0.05
+
+
+def _publish_all(staged: Sequence[_Staged], *, committed: Any, trust: bool = False) -> int:
+    """Publish staged entries, each through its own outbox."""
+    by_outbox: dict[int, list[_Staged]] = {}
+    for item in staged:
+        by_outbox.setdefault(id(item.outbox), []).append(item)
+    return sum(items[0].outbox._publish_after_commit(items, committed=committed, trust=trust)
+               for items in by_outbox.values())
+
+
+def after_commit(connection: sa.Connection, session: Session | None, committed: Any) -> None:
+    """Called by `SqlStore` once a delivery's own transaction (``committed``, the root
+    transaction of ``connection``) has committed: publish what the handler staged on its
+    connection or session."""
+    for info in (connection.info, session.info if session is not None else None):
+        if info is not None:
+            staged = info.pop(_STAGED, None)
+            if staged:
+                _publish_all(staged, committed=committed, trust=info is not connection.info)
 
 
 def _forget_staged(session: Session, previous_transaction: Any) -> None:

@@ -323,3 +323,19 @@ def test_lease_mode_bad_keys_are_refused(store: SqlStore, make: str) -> None:
     with pytest.raises(InvalidIdempotencyKey):
         charge({"id": "a\x00b"})
     assert calls == []
+
+
+def test_a_ttl_shorter_than_the_lease_is_refused_in_lease_mode() -> None:
+    """An in-progress key past its ttl is claimable (rule CLAIMABLE) even while its lease
+    is live: with ttl < lease a redelivery would run a handler that still runs. Refused
+    when the handler is declared; transactional mode has no lease and is not concerned."""
+    store = MemoryStore()
+    with pytest.raises(ValueError, match=r"ttl \(10 s\) is shorter than the lease \(60 s\)"):
+        idempotent(store, key="id", ttl=10, lease=60)(lambda msg: None)
+    with pytest.raises(ValueError, match=r"shorter than the lease \(30.0 s\)"):
+        idempotent(store, key="id", ttl=5)(lambda msg: None)  # the default lease
+    idempotent(store, key="id", ttl=60, lease=60)(lambda msg: None)
+    sql = SqlStore("sqlite://")
+
+    @idempotent(sql, key="id", ttl=5)
+    def tx(msg: dict, *, connection: object) -> None: ...

@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from idempotent import IdempotencyKeyConflict, SqlStore, idempotent
-from idempotent.events import Event
+from idempotent.events import OUTBOX_EVENTS, Event
 from idempotent.outbox import Entry, MessageNotSerializable, Outbox, RelayReport, UnknownPublisher
 
 LEDGER = sa.Table("ledger", sa.MetaData(), sa.Column("payment_id", sa.String(64), primary_key=True),
@@ -141,6 +141,23 @@ def test_a_savepoint_rolled_back_publishes_nothing_of_it(store: SqlStore) -> Non
     assert rec.ids() == Counter({"kept-1": 1, "kept-2": 1, "kept-3": 1})
 
 
+def test_a_rolled_back_connection_leaves_nothing_for_the_next_commit(store: SqlStore) -> None:
+    """What a rolled-back transaction staged stays in the pooled connection's info; a
+    later transaction on that connection that commits must not publish it."""
+    box, rec, _, _ = make(store)
+    with pytest.raises(RuntimeError), store.engine.begin() as conn:
+        box.stage(conn, publisher="rec", target="t", body={}, id="rolled-back")
+        raise RuntimeError("the producer's transaction fails")
+    with box.begin() as conn:  # the pool hands out the same connection again
+        box.stage(conn, publisher="rec", target="t", body={}, id="committed")
+    with store.engine.connect() as conn:
+        with conn.begin():
+            pass
+        assert box.publish_staged(conn) == 0
+    assert rec.ids() == Counter({"committed": 1})
+    assert rows(store) == {"committed": "sent"}
+
+
 def test_connection_begin_and_publish_staged(store: SqlStore) -> None:
     box, rec, _, _ = make(store)
     with box.begin() as conn:
@@ -237,6 +254,7 @@ def test_confirmation_republish_and_unconfirmed_report(store: SqlStore) -> None:
     kinds = Counter(e.kind for e in events)
     assert kinds == {"outbox_published": 3, "outbox_confirmed": 1, "outbox_republished": 2,
                      "outbox_unconfirmed": 1}
+    assert set(kinds) <= set(OUTBOX_EVENTS)
 
 
 def test_publisher_down_retries_with_backoff(store: SqlStore) -> None:
@@ -276,10 +294,12 @@ def test_consume_write_produce_commits_together(store: SqlStore) -> None:
     assert rows(store) == {} and store.get("pay", "p1") is None
     crash["on"] = False
     assert apply({"payment_id": "p1", "cents": 5}) == "ok"
+    assert rec.ids() == Counter({"receipt-p1": 1})  # published right after our COMMIT
     assert apply({"payment_id": "p1", "cents": 5}) == "ok"  # duplicate: nothing staged
+    assert box.flush(30)
     clock.now += 1
-    assert box.relay_once().published == 1
-    assert rec.ids() == Counter({"receipt-p1": 1})
+    assert box.relay_once().published == 0
+    assert rec.ids() == Counter({"receipt-p1": 1}) and rows(store) == {"receipt-p1": "sent"}
 
 
 @pytest.mark.parametrize("sql_url", ["postgres"], indirect=True)

@@ -893,6 +893,10 @@ class SqlStore(Store):
         return {stored[k] for k in fresh}
 
 
+#: Where `idempotent.outbox` keeps what was staged on a connection or session.
+_OUTBOX_STAGED = "idempotent.outbox.staged"
+
+
 class Transaction:
     """One delivery's open transaction (see `SqlStore.transaction`)."""
 
@@ -947,8 +951,12 @@ class Transaction:
         params = {**self._params, "res": result}
         store = self.store
         fast = self._fast
+        root = conn.get_transaction()
         if self._owner and fast is not None:
-            return fast.finish(conn, params, self._optimistic, self._replaces_expired)
+            lost = fast.finish(conn, params, self._optimistic, self._replaces_expired)
+            if lost is None:
+                self._after_commit(root)
+            return lost
         if self._optimistic:
             store._set_lock_timeout(conn)
             try:  # no savepoint: on failure the whole transaction goes anyway
@@ -972,10 +980,20 @@ class Transaction:
         elif result is not None:
             conn.execute(store._st.store_result, params)
         if self._owner:
-            tx = conn.get_transaction()
-            assert tx is not None
-            tx.commit()
+            assert root is not None
+            root.commit()
+            self._after_commit(root)
         return None
+
+    def _after_commit(self, root: Any) -> None:
+        """Messages the handler staged in the outbox on this transaction are published now
+        that it committed (idempotent.outbox; a dict lookup when there are none)."""
+        session = self._session
+        if _OUTBOX_STAGED in self.connection.info or (
+                session is not None and _OUTBOX_STAGED in session.info):
+            from ..outbox import after_commit
+
+            after_commit(self.connection, session, root)
 
 
 async def _first_notify(raw: Any, timeout: float) -> bool:
