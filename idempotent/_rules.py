@@ -24,9 +24,9 @@ The rules, by name (the SQL and the Lua that implement one say which):
   `IdempotencyKeyConflict`.
 * **WAKE**: a complete or a release of a key signals the duplicates waiting for it
   (``wait=``), where the store has a signal (Redis: ``PUBLISH`` on the record's name from
-  the same script, when a waiter marked the record; PostgreSQL: a ``NOTIFY`` on the key's channel, sent after the complete
-  or release by handlers that have ``wait=``); a waiter re-claims when signalled and also
-  polls, backed off, so a lost signal only delays it.
+  the same script, when a waiter marked the record; PostgreSQL: a ``NOTIFY`` on the key's
+  channel, sent after the complete or release by handlers that have ``wait=``); a waiter
+  re-claims when signalled and also polls, backed off, so a lost signal only delays it.
 * **STORE TIME**: every "now" above is the store's clock (PostgreSQL
   ``clock_timestamp()``, Redis ``TIME``, the local clock for SQLite and memory); a
   clock passed to a store replaces it, for tests only.
