@@ -15,20 +15,23 @@ count and dead-lettered at ``max_deliveries``, bad input dead-lettered at once (
 `idempotent.integrations.amqp`). An ``async def`` handler is awaited (transactional mode
 needs a `SqlStore` on an async engine); a sync handler runs in a worker thread, so the
 event loop keeps the connection's heartbeats going however long it runs. Up to
-``prefetch`` messages are processed at once. The connection is aio-pika's robust one: after
-a connection loss it reconnects and consumes again, and the broker redelivers what was
-unacked.
+``prefetch`` messages are processed at once. After a connection loss (or a channel closed
+by the broker) the consumer connects again and consumes again, and the broker redelivers
+what was unacked. (Not aio-pika's robust connection: after a broker restart it gave up
+restoring its consumer here, its ``Basic.Consume`` cancelled, and consumption stopped.)
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 try:
     import aio_pika
+    import aio_pika.exceptions
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
         "idempotent.integrations.aio_pika needs aio-pika: pip install 'idempotent-py[aio-pika]'"
@@ -46,7 +49,7 @@ from .amqp import (
 )
 
 if TYPE_CHECKING:
-    from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
+    from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 
 __all__ = ["Consumer", "Message"]
 
@@ -56,11 +59,14 @@ logger = logging.getLogger("idempotent.amqp")
 class Consumer:
     """An aio-pika consumer of one queue, running ``handler`` once per key. Arguments:
     those of `idempotent.integrations.amqp.Processor`, and ``prefetch`` (default 10),
-    ``dead_letter_exchange`` / ``dead_letter_routing_key`` as for the pika `Consumer`."""
+    ``dead_letter_exchange`` / ``dead_letter_routing_key`` and ``reconnect_delay`` as for the
+    pika `Consumer`."""
 
     def __init__(self, handler: Callable[..., Any], store: Store, *, queue: str,
                  prefetch: int = 10, dead_letter_exchange: str | None = None,
-                 dead_letter_routing_key: str | None = None, **options: Any) -> None:
+                 dead_letter_routing_key: str | None = None, reconnect_delay: float = 1.0,
+                 **options: Any) -> None:
+        self.reconnect_delay = reconnect_delay
         self.processor = Processor(handler, store, queue=queue, **options)
         self.queue = queue
         self.prefetch = prefetch
@@ -70,31 +76,72 @@ class Consumer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._channel: AbstractChannel | None = None
 
-    async def run(self, url: str | AbstractRobustConnection, *,
+    async def run(self, url: str | AbstractConnection, *,
                   on_ready: Callable[[], Any] | None = None) -> None:
-        """Consume until `stop`. ``url``: an AMQP URL (a robust connection is opened and
-        closed here) or a connection of the caller's."""
+        """Consume until `stop`. ``url``: an AMQP URL, or a connection of the caller's.
+
+        With a URL the consumer owns its connections: after a connection loss (a broker
+        restart) or a channel closed by the broker (``consumer_timeout``) it connects again
+        after ``reconnect_delay`` seconds and consumes again; the broker redelivers what was
+        not acked. With a connection of the caller's it consumes on it once, until `stop`
+        or until that connection or its channel closes. ``on_ready`` is called each time the
+        consumer is registered."""
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        own = isinstance(url, str)
-        connection = await aio_pika.connect_robust(url) if isinstance(url, str) else url
+        if not isinstance(url, str):
+            await self._session(url, on_ready)
+            return
+        while not self._stop.is_set():
+            try:
+                connection = await aio_pika.connect(url)
+            except (aio_pika.exceptions.AMQPError, OSError, asyncio.TimeoutError) as exc:
+                logger.warning("%s: cannot connect (%r); retrying", self.queue, exc)
+                await self._pause()
+                continue
+            try:
+                await self._session(connection, on_ready)
+            except (aio_pika.exceptions.AMQPError, OSError, asyncio.TimeoutError) as exc:
+                logger.warning("%s: connection lost (%r); reconnecting", self.queue, exc)
+            finally:
+                if not connection.is_closed:
+                    with contextlib.suppress(Exception):  # already broken: nothing to close
+                        await connection.close()
+            if not self._stop.is_set():
+                await self._pause()
+
+    async def _pause(self) -> None:
+        """``reconnect_delay`` seconds, or less if `stop` is called meanwhile."""
+        assert self._stop is not None
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), self.reconnect_delay)
+
+    async def _session(self, connection: AbstractConnection,
+                       on_ready: Callable[[], Any] | None) -> None:
+        """Consume on one connection until `stop`, or until it or its channel closes."""
+        assert self._stop is not None
+        channel = await connection.channel(publisher_confirms=True)
+        self._channel = channel
         try:
-            channel = await connection.channel(publisher_confirms=True)
-            self._channel = channel
             await channel.set_qos(prefetch_count=self.prefetch)
-            # declared (passively) through the robust channel, so a reconnection declares
-            # it again and restores the consumer
             queue = await channel.declare_queue(self.queue, passive=True)
             tag = await queue.consume(self._on_message, no_ack=False)
             if on_ready is not None:
                 on_ready()
-            await self._stop.wait()
-            await queue.cancel(tag)
-            await channel.close()
+            stop = asyncio.ensure_future(self._stop.wait())
+            closed = asyncio.ensure_future(asyncio.wait(
+                [asyncio.ensure_future(channel.closed()),
+                 asyncio.ensure_future(connection.closed())],
+                return_when=asyncio.FIRST_COMPLETED))
+            try:
+                await asyncio.wait([stop, closed], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiter in (stop, closed):
+                    waiter.cancel()
+            if self._stop.is_set() and not channel.is_closed:
+                await queue.cancel(tag)
+                await channel.close()
         finally:
             self._channel = None
-            if own:
-                await connection.close()
 
     def stop(self) -> None:
         """Stop consuming (callable from any thread, or from the loop)."""
