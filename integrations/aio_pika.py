@@ -17,8 +17,9 @@ needs a `SqlStore` on an async engine); a sync handler runs in a worker thread, 
 event loop keeps the connection's heartbeats going however long it runs. Up to
 ``prefetch`` messages are processed at once. After a connection loss (or a channel closed
 by the broker) the consumer connects again and consumes again, and the broker redelivers
-what was unacked. (Not aio-pika's robust connection: after a broker restart it gave up
-restoring its consumer here, its ``Basic.Consume`` cancelled, and consumption stopped.)
+what was unacked. This is the pika consumer's loop, not aio-pika's robust connection: one
+behaviour for both, and a channel the broker closed (``consumer_timeout``) is opened again
+with the connection.
 """
 
 from __future__ import annotations
