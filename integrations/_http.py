@@ -64,7 +64,7 @@ NEVER_REPLAYED = frozenset({
     "ratelimit-reset", "x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset",
 })
 #: Where the problem ``type`` URIs point; the docs (docs/http.md) define each one.
-PROBLEM_BASE = "https://idempotent.readthedocs.io/en/latest/http/#"
+PROBLEM_BASE = "https://idempotent-py.readthedocs.io/en/latest/http/#"
 
 Identity = Callable[["Request"], "str | None"]
 _DEFAULT: Any = object()  # retry= not given: the decorator's default policy

@@ -66,7 +66,7 @@ def test_problem_body() -> None:
     response = Problem(409, "in-progress", "T", "D", [("retry-after", "2")]).response()
     assert response.status == 409
     assert ("content-type", "application/problem+json") in response.headers
-    assert b'"type": "https://idempotent.readthedocs.io/en/latest/http/#in-progress"' in (
+    assert b'"type": "https://idempotent-py.readthedocs.io/en/latest/http/#in-progress"' in (
         response.body)
 
 
