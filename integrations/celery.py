@@ -309,10 +309,14 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
     def business_key(self, args: tuple[Any, ...] = (), kwargs: Mapping[str, Any] | None = None
                      ) -> Any:
         """The raw business key of a call with these arguments (``idempotency_key``)."""
-        spec = self._setting("idempotency_key")
-        if spec is None:
-            raise TypeError(f"{self.name} is keyed by its task id; pass send_once(key=...)")
-        extract = spec if callable(spec) else _argument(self.run, spec)
+        extract: Callable[..., Any] | None = self.__dict__.get("_business_key_of")
+        if extract is None:  # built once per task (a producer calls this per message)
+            spec = self._setting("idempotency_key")
+            if spec is None:
+                raise TypeError(
+                    f"{self.name} is keyed by its task id; pass send_once(key=...)")
+            extract = spec if callable(spec) else _argument(self.run, spec)
+            self.__dict__["_business_key_of"] = extract
         a, kw = _by_position(self._idempotent_params, tuple(args), dict(kwargs or {}))
         return extract(*a, **kw)
 
@@ -334,8 +338,13 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
         return text
 
     def _scope_spec(self) -> Callable[..., Any] | None:
+        try:
+            return self.__dict__["_scope_of"]  # type: ignore[no-any-return]
+        except KeyError:
+            pass
         options = self._setting("idempotency_options") or {}
         scope: Callable[..., Any] | None = options.get("scope")
+        self.__dict__["_scope_of"] = scope
         return scope
 
 

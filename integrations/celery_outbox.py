@@ -84,11 +84,21 @@ def stage_task(
         text = _keys.as_key_text(key)
         if text is None:  # task_id_for has refused it already; kept for the type checker
             raise MissingIdempotencyKey(f"{task.name}: no business key", namespace=task.name)
-        keyed_by_id = task._setting("idempotency_key") is None
-        namespace = (task._setting("idempotency_options") or {}).get("namespace", task.name)
+        keyed_by_id, namespace = _record_of(task)
         stored = task_id if keyed_by_id else _keys.scoped(text, scope)
-        confirm = (_keys.fit(namespace), stored)
+        confirm = (namespace, stored)
     return outbox.stage(
         tx, publisher=publisher, target=task.name, id=task_id, confirm=confirm,
         body={"args": list(args), "kwargs": dict(kwargs or {}), "options": options},
     )
+
+
+def _record_of(task: IdempotentTask) -> tuple[bool, str]:
+    """Whether the task is keyed by its task id, and the namespace of its records (once
+    per task: a producer stages many)."""
+    known: tuple[bool, str] | None = task.__dict__.get("_outbox_record_of")
+    if known is None:
+        namespace = (task._setting("idempotency_options") or {}).get("namespace", task.name)
+        known = (task._setting("idempotency_key") is None, _keys.fit(namespace))
+        task.__dict__["_outbox_record_of"] = known
+    return known
