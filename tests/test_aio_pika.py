@@ -150,9 +150,9 @@ def test_broker_restart_mid_run_loses_nothing(pg_url: str, rabbit: RabbitServer)
     """The RabbitMQ node is SIGKILLed and restarted while the aio-pika consumer works
     through 400 payments on a durable classic queue: the consumer connects again and
     consumes again, what was unacked is redelivered, and every payment is in the ledger
-    once. (A classic queue: a quorum queue declared and filled seconds before the node's
-    SIGKILL showed no messages after the restart on RabbitMQ 3.10.8, with pika too; see
-    docs/rabbitmq.md, Limits.)"""
+    once. (A classic queue: a quorum queue declared seconds before the node's SIGKILL came
+    back without its messages on RabbitMQ 3.10.8, with pika too; see docs/rabbitmq.md,
+    Limits.)"""
     _prepare(pg_url)
     q = f"arq-{uuid.uuid4().hex[:8]}"
     declare(rabbit.url, q, dlx=f"{q}.dlx")
