@@ -85,6 +85,7 @@ __all__ = [
     "QUEUE_HEADER",
     "STORE_FAULTS",
     "Ack",
+    "AmqpPublisher",
     "Consumer",
     "DeadLetter",
     "Message",
@@ -529,3 +530,52 @@ def _with_headers(props: Any, headers: Mapping[str, Any]) -> Any:
         correlation_id=props.correlation_id, reply_to=props.reply_to,
         message_id=props.message_id, timestamp=props.timestamp, type=props.type,
         app_id=props.app_id)
+
+
+# -- the outbox's publisher --------------------------------------------------------------
+class AmqpPublisher:
+    """Publishes `idempotent.outbox` entries to RabbitMQ with pika: the entry's target is
+    the routing key (on ``exchange``, the default exchange by default: the queue name), its
+    body the message body (JSON, persistent), and its id the ``message_id`` property, which
+    is what a `Consumer` keys by default, so a re-publish is a duplicate it acks.
+
+    ``connect`` returns a pika ``BlockingConnection`` (called again after the connection
+    was lost); the channel is in confirm mode and ``mandatory`` is set, so ``publish``
+    returns once the broker took the message into a queue, and raises otherwise (the entry
+    is retried)."""
+
+    def __init__(self, connect: Callable[[], Any], name: str = "amqp", *,
+                 exchange: str = "") -> None:
+        self._connect = connect
+        self.name = name
+        self.exchange = exchange
+        self._connection: Any = None
+        self._channel: Any = None
+
+    def publish(self, entry: Any) -> None:
+        import pika
+
+        if self._channel is None or not self._channel.is_open:
+            self.close()
+            self._connection = self._connect()
+            self._channel = self._connection.channel()
+            self._channel.confirm_delivery()
+        try:
+            self._channel.basic_publish(
+                self.exchange, entry.target,
+                json.dumps(entry.body, sort_keys=True, separators=(",", ":")).encode(),
+                pika.BasicProperties(message_id=entry.id, delivery_mode=2,
+                                     content_type="application/json"),
+                mandatory=True)
+        except Exception:
+            self.close()  # a broken or unroutable channel: the next publish reconnects
+            raise
+
+    def close(self) -> None:
+        """Close the publisher's connection (the next publish opens a new one)."""
+        connection, self._connection, self._channel = self._connection, None, None
+        if connection is not None and connection.is_open:
+            try:
+                connection.close()
+            except Exception:  # already broken: nothing to close
+                logger.debug("closing the publisher's connection failed", exc_info=True)
