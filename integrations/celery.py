@@ -521,12 +521,21 @@ def send_once(
     """
     if "task_id" in options:
         raise TypeError("send_once derives the task id; do not pass task_id=")
+    _, _, task_id = message_identity(task, args, kwargs, key, "send_once")
+    return task.apply_async(tuple(args), dict(kwargs or {}), task_id=task_id, **options)
+
+
+def message_identity(task: Task, args: tuple[Any, ...] | list[Any],
+                     kwargs: Mapping[str, Any] | None, key: Any, caller: str
+                     ) -> tuple[Any, str | None, str]:
+    """The business key, scope and task id of a message to ``task``: the task's own key
+    and scope over the arguments unless ``key`` is given (`send_once`, the outbox's
+    `stage_task`). `MissingIdempotencyKey` when there is none."""
     scope = None
     if isinstance(task, IdempotentTask):
         if key is None:
             key = task.business_key(tuple(args), kwargs)
         scope = task.scope_key(tuple(args), kwargs)
     elif key is None:
-        raise TypeError("send_once(task, ...) needs key= for a task that is not idempotent")
-    return task.apply_async(tuple(args), dict(kwargs or {}),
-                            task_id=task_id_for(task, key, scope=scope), **options)
+        raise TypeError(f"{caller}(task, ...) needs key= for a task that is not idempotent")
+    return key, scope, task_id_for(task, key, scope=scope)

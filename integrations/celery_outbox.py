@@ -26,7 +26,7 @@ from idempotent import keys as _keys
 from idempotent.exceptions import MissingIdempotencyKey
 from idempotent.outbox import Entry, Outbox
 
-from .celery import IdempotentTask, task_id_for
+from .celery import IdempotentTask, message_identity
 
 __all__ = ["CeleryPublisher", "stage_task"]
 
@@ -71,15 +71,8 @@ def stage_task(
     unknown = set(options) - _OPTIONS
     if unknown:
         raise TypeError(f"stage_task cannot carry the option(s) {sorted(unknown)}")
-    scope = None
+    key, scope, task_id = message_identity(task, args, kwargs, key, "stage_task")
     confirm = None
-    if isinstance(task, IdempotentTask):
-        if key is None:
-            key = task.business_key(tuple(args), kwargs)
-        scope = task.scope_key(tuple(args), kwargs)
-    elif key is None:
-        raise TypeError("stage_task(task, ...) needs key= for a task that is not idempotent")
-    task_id = task_id_for(task, key, scope=scope)
     if isinstance(task, IdempotentTask):
         text = _keys.as_key_text(key)
         if text is None:  # task_id_for has refused it already; kept for the type checker
