@@ -343,12 +343,12 @@ class Outbox:
                 log.warning("publishing %s (%s:%s) after commit failed (%s: %s); the relay "
                             "will publish it", item.id, item.publisher, item.target,
                             type(exc).__name__, exc)
-                self._marker.put((item.id, None, f"{type(exc).__name__}: {exc}"[:MAX_ERROR]))
+                self._marker.put((item.id, f"{type(exc).__name__}: {exc}"[:MAX_ERROR]))
                 self._event("outbox_publish_failed", entry, error=type(exc).__name__)
                 continue
             published += 1
             if not item.confirm:  # else: no write at all on the producer's path
-                self._marker.put((item.id, False, None))
+                self._marker.put((item.id, None))
             self._event("outbox_published", entry, attempt=1)
         return published
 
@@ -361,14 +361,14 @@ class Outbox:
         """Write the outstanding marks and stop the background marker thread."""
         self._marker.close()
 
-    def _write_marks(self, marks: list[tuple[str, bool | None, str | None]]) -> None:
-        """The marker thread's batch: published entries become ``sent`` / ``published``;
-        failed ones keep ``pending`` with their error and a retry time."""
+    def _write_marks(self, marks: list[tuple[str, str | None]]) -> None:
+        """The marker thread's batch of ``(id, error)``: published entries (no error) become
+        ``sent``; failed ones keep ``pending`` with their error and a retry time. (An entry
+        that asks for confirmation is never marked: the relay confirms it.)"""
         t = self.table
         now = self._clock()
-        sent = [m[0] for m in marks if m[1] is False]
-        confirm = [m[0] for m in marks if m[1] is True]
-        failed = [(m[0], m[2]) for m in marks if m[1] is None]
+        sent = [m[0] for m in marks if m[1] is None]
+        failed = [(m[0], m[1]) for m in marks if m[1] is not None]
         with self.store.engine.begin() as conn:
             self._async_commit(conn)
             pending = t.c.state == "pending"
@@ -376,10 +376,6 @@ class Outbox:
                 conn.execute(t.update().where(t.c.id.in_(sent), pending).values(
                     state="sent", publishes=t.c.publishes + 1, failures=0, published_at=now,
                     next_at=None, last_error=None))
-            if confirm:
-                conn.execute(t.update().where(t.c.id.in_(confirm), pending).values(
-                    state="published", publishes=t.c.publishes + 1, failures=0,
-                    published_at=now, next_at=now + self._delay(1), last_error=None))
             for id, error in failed:
                 conn.execute(t.update().where(t.c.id == id, pending).values(
                     failures=t.c.failures + 1,
@@ -582,7 +578,7 @@ class _Marker:
         self._thread: threading.Thread | None = None
         self._pid = 0
 
-    def put(self, mark: tuple[str, bool | None, str | None]) -> None:
+    def put(self, mark: tuple[str, str | None]) -> None:
         with self._lock:
             if self._pid != os.getpid():  # a forked child: the parent's marks are not ours
                 self._marks = queue.SimpleQueue()
