@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 
 import pika
 import sqlalchemy as sa
+from _celery_harness import wait_until as _wait_until
 from idempotent.integrations.amqp import Consumer, Message
 
 TESTS = Path(__file__).resolve().parent
@@ -124,16 +124,9 @@ def running(consumer: Consumer, url: str) -> Iterator[Consumer]:
 
 def wait_until(check: Callable[[], Any], timeout: float, what: str,
                describe: Callable[[], str] | None = None) -> Any:
-    """Poll ``check()`` until truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            extra = f" ({describe()})" if describe else ""
-            raise AssertionError(f"not within {timeout:.0f}s: {what}{extra}")
-        time.sleep(0.05)
+    """Poll ``check()`` until truthy; fail after ``timeout`` seconds (the suite's
+    `_celery_harness.wait_until`, with ``describe`` by position)."""
+    return _wait_until(check, timeout, what, poll=0.05, describe=describe)
 
 
 class Proc:

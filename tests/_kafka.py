@@ -15,6 +15,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from _celery_harness import wait_until as _wait_until
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
@@ -129,9 +130,6 @@ def partition_of(payment_id: str) -> int:
 
 
 def wait_until(predicate: Any, deadline: float, what: str, step: float = 0.1) -> None:
-    """Poll ``predicate`` until true; AssertionError naming ``what`` after ``deadline`` s."""
-    end = time.monotonic() + deadline
-    while not predicate():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(step)
+    """Poll ``predicate`` until true; AssertionError naming ``what`` after ``deadline`` s
+    (the suite's `_celery_harness.wait_until`)."""
+    _wait_until(predicate, deadline, what, poll=step)
